@@ -1,0 +1,143 @@
+//! Bounds-checked access to packet bytes and the parse of the headers every program needs.
+
+use aya_ebpf::programs::XdpContext;
+use core::mem::size_of;
+use lb_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, Reason};
+
+use crate::headers::*;
+
+/// A pointer to a `T` at `offset` bytes into the packet, if the packet is long enough.
+/// The comparison against `data_end` is what the verifier needs to allow the access.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + offset + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Where the L3 header starts and which EtherType it has, after at most one 802.1Q tag.
+#[derive(Clone, Copy)]
+pub struct L2 {
+    pub l3_off: usize,
+    /// Host order.
+    pub ether_type: u16,
+    pub vlan: bool,
+}
+
+#[inline(always)]
+pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassTruncated)?;
+    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    if ether_type != ETH_P_8021Q {
+        return Ok(L2 { l3_off: ETH_HLEN, ether_type, vlan: false });
+    }
+    let vlan: *const VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(Reason::PassTruncated)?;
+    Ok(L2 {
+        l3_off: ETH_HLEN + VLAN_HLEN,
+        ether_type: u16::from_be(unsafe { (*vlan).ether_type }),
+        vlan: true,
+    })
+}
+
+/// The L3 facts of an IPv4 or IPv6 packet the fast path accepts.
+#[derive(Clone, Copy)]
+pub struct L3 {
+    pub family: u8,
+    pub l4_off: usize,
+    pub proto: u8,
+    pub src: Addr,
+    pub dst: Addr,
+    /// Length of the IP packet (header included) as its header says.
+    pub ip_len: usize,
+}
+
+/// Parses the IP header at `l2.l3_off`. IPv4 with options, fragments and IPv6 extension
+/// headers are not for the fast path.
+#[inline(always)]
+pub fn parse_l3(ctx: &XdpContext, l2: &L2) -> Result<L3, Reason> {
+    let available = ctx.data_end() - ctx.data();
+    match l2.ether_type {
+        ETH_P_IP => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(Reason::PassTruncated)?;
+            let ip = unsafe { &*ip };
+            if ip.version_ihl != IPV4_VERSION_IHL {
+                return Err(if ip.version_ihl >> 4 == 4 && ip.version_ihl & 0xf > 5 {
+                    Reason::PassIpOptions
+                } else {
+                    Reason::PassTruncated
+                });
+            }
+            if u16::from_be(ip.frag_off) & (IP_MF | IP_OFFSET_MASK) != 0 {
+                return Err(Reason::PassFragment);
+            }
+            let ip_len = u16::from_be(ip.tot_len) as usize;
+            if ip_len < IPV4_HLEN || l2.l3_off + ip_len > available {
+                return Err(Reason::PassTruncated);
+            }
+            Ok(L3 {
+                family: FAMILY_V4,
+                l4_off: l2.l3_off + IPV4_HLEN,
+                proto: ip.protocol,
+                src: [ip.saddr, 0, 0, 0],
+                dst: [ip.daddr, 0, 0, 0],
+                ip_len,
+            })
+        }
+        ETH_P_IPV6 => {
+            let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(Reason::PassTruncated)?;
+            let ip = unsafe { &*ip };
+            if u32::from_be(ip.version_tc_flow) >> 28 != 6 {
+                return Err(Reason::PassTruncated);
+            }
+            let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
+            if l2.l3_off + ip_len > available {
+                return Err(Reason::PassTruncated);
+            }
+            let proto = ip.next_header;
+            if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+                return Err(if proto == IPPROTO_FRAGMENT {
+                    Reason::PassFragment
+                } else {
+                    Reason::PassNotTcpUdp
+                });
+            }
+            Ok(L3 {
+                family: FAMILY_V6,
+                l4_off: l2.l3_off + IPV6_HLEN,
+                proto,
+                src: ip.saddr,
+                dst: ip.daddr,
+                ip_len,
+            })
+        }
+        _ => Err(Reason::PassNotIp),
+    }
+}
+
+/// Ports (network order) and TCP flags of a TCP or UDP header at `l3.l4_off`.
+#[derive(Clone, Copy)]
+pub struct L4 {
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// TCP flags; 0 for UDP.
+    pub tcp_flags: u8,
+}
+
+#[inline(always)]
+pub fn parse_l4(ctx: &XdpContext, l3: &L3) -> Result<L4, Reason> {
+    match l3.proto {
+        IPPROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, l3.l4_off).ok_or(Reason::PassTruncated)?;
+            let tcp = unsafe { &*tcp };
+            Ok(L4 { src_port: tcp.source, dst_port: tcp.dest, tcp_flags: tcp.flags })
+        }
+        IPPROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, l3.l4_off).ok_or(Reason::PassTruncated)?;
+            let udp = unsafe { &*udp };
+            Ok(L4 { src_port: udp.source, dst_port: udp.dest, tcp_flags: 0 })
+        }
+        _ => Err(Reason::PassNotTcpUdp),
+    }
+}

@@ -1,0 +1,95 @@
+//! Next hop of a rewritten packet: `bpf_fib_lookup` gives the egress interface and both MAC
+//! addresses; the packet leaves by `XDP_TX` when that is the interface it came in on and by
+//! `bpf_redirect` otherwise.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, xdp_action,
+    },
+    helpers::{bpf_fib_lookup as fib_lookup_helper, bpf_redirect},
+    programs::XdpContext,
+};
+use core::mem::size_of;
+use lb_common::{Addr, FAMILY_V4, Reason};
+
+use crate::{headers::EthHdr, packet::ptr_at};
+
+/// The answer of a FIB lookup the caller still has to act on.
+pub enum Route {
+    /// Resolved: the MACs to write and the interface to leave by.
+    Resolved(NextHop),
+    /// Routable, but the neighbour is not resolved yet (the kernel resolves it if the
+    /// packet is passed to it).
+    NoNeighbour,
+}
+
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// The next hop is the destination itself (on-link), not a gateway.
+    pub on_link: bool,
+}
+
+/// Looks up the route of a packet `src -> dst` of `tot_len` bytes (IP header included) that
+/// arrived on the context's interface. `tot_len` makes the kernel check the egress MTU.
+#[inline(always)]
+pub fn lookup(ctx: &XdpContext, family: u8, src: &Addr, dst: &Addr, tot_len: u16) -> Result<Route, Reason> {
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = family;
+    params.ifindex = ctx.ingress_ifindex() as u32;
+    params.__bindgen_anon_1.tot_len = tot_len;
+    if family == FAMILY_V4 {
+        params.__bindgen_anon_3.ipv4_src = src[0];
+        params.__bindgen_anon_4.ipv4_dst = dst[0];
+    } else {
+        params.__bindgen_anon_3.ipv6_src = *src;
+        params.__bindgen_anon_4.ipv6_dst = *dst;
+    }
+    let ret = unsafe {
+        fib_lookup_helper(
+            ctx.ctx as *mut _,
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // The kernel overwrites the destination with the next hop's address.
+            let on_link = unsafe {
+                if family == FAMILY_V4 {
+                    params.__bindgen_anon_4.ipv4_dst == dst[0]
+                } else {
+                    params.__bindgen_anon_4.ipv6_dst == *dst
+                }
+            };
+            Ok(Route::Resolved(NextHop {
+                ifindex: params.ifindex,
+                src_mac: params.smac,
+                dst_mac: params.dmac,
+                on_link,
+            }))
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::NoNeighbour),
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropMtu),
+        _ => Err(Reason::DropNoRoute),
+    }
+}
+
+/// Writes the next hop's MACs into the frame and sends it on its way.
+#[inline(always)]
+pub fn transmit(ctx: &XdpContext, hop: &NextHop) -> Result<(u32, Reason), Reason> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::DropInternal)?;
+    unsafe {
+        (*eth).dst = hop.dst_mac;
+        (*eth).src = hop.src_mac;
+    }
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+        return Ok((xdp_action::XDP_TX, Reason::Tx));
+    }
+    let action = unsafe { bpf_redirect(hop.ifindex, 0) } as u32;
+    Ok((action, Reason::Redirect))
+}

@@ -1,0 +1,286 @@
+//! The only user of aya: loads the embedded XDP objects, attaches them, and gives typed
+//! access to their maps.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{ProgramFd, TestRun, TestRunOptions, Xdp, XdpMode},
+};
+use lb_common::{
+    Backend, DECAP_REASON_COUNT, DecapKey, DecapReason, DecapSettings, Flow, FlowKey,
+    MAGLEV_TABLE_SIZE, MaglevTable, Reason, Settings, TrafficCounters, VipInfo,
+    VipKey,
+};
+
+use crate::{config, reconcile::MapWriter};
+
+/// The balancer program, built by `build.rs` from `lb-ebpf` (one build path, no file to ship).
+pub static BALANCER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer"));
+/// The DSR backend's decapsulator.
+pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+
+pub const BALANCER_PROGRAM: &str = "lb_balancer";
+pub const DECAP_PROGRAM: &str = "lb_decap";
+
+impl From<config::XdpMode> for XdpMode {
+    fn from(mode: config::XdpMode) -> Self {
+        match mode {
+            config::XdpMode::Native => XdpMode::Driver,
+            config::XdpMode::Generic => XdpMode::Skb,
+        }
+    }
+}
+
+fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn load_xdp(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the eBPF object has no program {name}"))?
+        .try_into()?;
+    program.load().with_context(|| format!("the kernel refused to load {name}"))
+}
+
+fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    Ok(ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?)
+}
+
+/// Attaches `program` to `interface`; the attachment lives as long as the loaded object.
+fn attach(ebpf: &mut Ebpf, program: &str, interface: &str, mode: config::XdpMode) -> Result<()> {
+    xdp(ebpf, program)?
+        .attach(interface, mode.into())
+        .with_context(|| format!("cannot attach {program} to {interface} in {mode:?} mode"))?;
+    Ok(())
+}
+
+/// One BPF_PROG_TEST_RUN of `program` on `frame`: the action and the frame it left.
+fn test_run(ebpf: &Ebpf, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let program: &Xdp = ebpf.program(program).ok_or_else(|| anyhow!("no program {program}"))?.try_into()?;
+    // Room for the largest encapsulation the programs add.
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = program.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
+fn sum(values: &[u64]) -> u64 {
+    values.iter().sum()
+}
+
+fn sum_traffic(values: &[TrafficCounters]) -> TrafficCounters {
+    values.iter().fold(TrafficCounters::default(), |acc, v| TrafficCounters {
+        packets: acc.packets + v.packets,
+        bytes: acc.bytes + v.bytes,
+        new_flows: acc.new_flows + v.new_flows,
+    })
+}
+
+/// The loaded balancer program and its maps.
+pub struct Balancer {
+    ebpf: Ebpf,
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    tables: Array<MapData, MaglevTable>,
+    backends: Array<MapData, Backend>,
+    conntrack: HashMap<MapData, FlowKey, Flow>,
+    settings: Array<MapData, Settings>,
+    reasons: PerCpuArray<MapData, u64>,
+    vip_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    /// Scratch space for table writes (256 KiB: not for the stack).
+    table_buffer: Box<MaglevTable>,
+}
+
+impl Balancer {
+    /// Loads (verifies) the program with a connection table of `conntrack_entries`.
+    pub fn load(conntrack_entries: u32) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("CONNTRACK", conntrack_entries)
+            .load(BALANCER_OBJECT)
+            .context("cannot load the balancer object (are you root, with BPF support?)")?;
+        load_xdp(&mut ebpf, BALANCER_PROGRAM)?;
+        Ok(Self {
+            vips: take_map(&mut ebpf, "VIPS")?,
+            tables: take_map(&mut ebpf, "TABLES")?,
+            backends: take_map(&mut ebpf, "BACKENDS")?,
+            conntrack: take_map(&mut ebpf, "CONNTRACK")?,
+            settings: take_map(&mut ebpf, "SETTINGS")?,
+            reasons: take_map(&mut ebpf, "REASONS")?,
+            vip_stats: take_map(&mut ebpf, "VIP_STATS")?,
+            backend_stats: take_map(&mut ebpf, "BACKEND_STATS")?,
+            table_buffer: Box::new(MaglevTable { backends: [0; MAGLEV_TABLE_SIZE as usize] }),
+            ebpf,
+        })
+    }
+
+    pub fn attach(&mut self, interface: &str, mode: config::XdpMode) -> Result<()> {
+        attach(&mut self.ebpf, BALANCER_PROGRAM, interface, mode)
+    }
+
+    pub fn program_fd(&self) -> Result<&ProgramFd> {
+        let program: &Xdp = self.ebpf.program(BALANCER_PROGRAM).ok_or_else(|| anyhow!("no program"))?.try_into()?;
+        Ok(program.fd()?)
+    }
+
+    pub fn write_settings(&mut self, settings: &Settings) -> Result<()> {
+        self.settings.set(0, settings, 0).context("cannot write SETTINGS")
+    }
+
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        test_run(&self.ebpf, BALANCER_PROGRAM, frame)
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    /// Number of flows in the connection table (walks it: for status, not the hot loop).
+    pub fn flow_count(&self) -> usize {
+        self.conntrack.keys().filter(Result::is_ok).count()
+    }
+
+    pub fn reason_count(&self, reason: Reason) -> Result<u64> {
+        Ok(sum(&self.reasons.get(&(reason as u32), 0)?))
+    }
+
+    pub fn reason_counts(&self) -> Result<Vec<(Reason, u64)>> {
+        Reason::ALL.iter().map(|r| Ok((*r, self.reason_count(*r)?))).collect()
+    }
+
+    pub fn vip_counters(&self, vip_id: u32) -> Result<TrafficCounters> {
+        Ok(sum_traffic(&self.vip_stats.get(&vip_id, 0)?))
+    }
+
+    pub fn backend_counters(&self, backend_id: u32) -> Result<TrafficCounters> {
+        Ok(sum_traffic(&self.backend_stats.get(&backend_id, 0)?))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        Ok(self.backends.get(&id, 0)?)
+    }
+}
+
+impl MapWriter for Balancer {
+    fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends.set(id, backend, 0).with_context(|| format!("cannot write backend {id}"))
+    }
+
+    fn write_table(&mut self, index: u32, table: &[u32]) -> Result<()> {
+        self.table_buffer.backends.copy_from_slice(table);
+        self.tables.set(index, &*self.table_buffer, 0).with_context(|| format!("cannot write table {index}"))
+    }
+
+    fn write_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+        self.vips.insert(key, info, 0).context("cannot write a VIP")
+    }
+
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vips.remove(key).context("cannot remove a VIP")
+    }
+}
+
+/// The settings map entry a configuration describes.
+pub fn settings_from_config(dataplane: &config::Dataplane) -> Settings {
+    let v4 = dataplane.encap_source_v4;
+    let v6 = dataplane.encap_source_v6;
+    let v6_host_bits = 128 - u32::from(v6.prefix_len());
+    let v6_prefix = lb_common::addr_v6(v6.network().octets());
+    Settings {
+        encap_v4_prefix: u32::from(v4.network()),
+        encap_v4_host_mask: u32::from(v4.hostmask()),
+        encap_v6_prefix: v6_prefix,
+        // Only the last word varies: at most 32 host bits are taken from the hash.
+        encap_v6_host_mask: if v6_host_bits >= 32 { u32::MAX } else { (1u32 << v6_host_bits) - 1 },
+        _pad: 0,
+        udp_timeout_ns: dataplane.udp_timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
+    }
+}
+
+/// The loaded decapsulator and its maps.
+pub struct Decap {
+    ebpf: Ebpf,
+    addresses: HashMap<MapData, DecapKey, u8>,
+    settings: Array<MapData, DecapSettings>,
+    reasons: PerCpuArray<MapData, u64>,
+}
+
+impl Decap {
+    pub fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(DECAP_OBJECT).context("cannot load the decap object (are you root, with BPF support?)")?;
+        load_xdp(&mut ebpf, DECAP_PROGRAM)?;
+        Ok(Self {
+            addresses: take_map(&mut ebpf, "DECAP_ADDRESSES")?,
+            settings: take_map(&mut ebpf, "DECAP_SETTINGS")?,
+            reasons: take_map(&mut ebpf, "DECAP_REASONS")?,
+            ebpf,
+        })
+    }
+
+    pub fn attach(&mut self, interface: &str, mode: config::XdpMode) -> Result<()> {
+        attach(&mut self.ebpf, DECAP_PROGRAM, interface, mode)
+    }
+
+    pub fn add_address(&mut self, key: &DecapKey) -> Result<()> {
+        self.addresses.insert(key, 1, 0).context("cannot write DECAP_ADDRESSES")
+    }
+
+    pub fn write_settings(&mut self, settings: &DecapSettings) -> Result<()> {
+        self.settings.set(0, settings, 0).context("cannot write DECAP_SETTINGS")
+    }
+
+    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        test_run(&self.ebpf, DECAP_PROGRAM, frame)
+    }
+
+    pub fn reason_count(&self, reason: DecapReason) -> Result<u64> {
+        Ok(sum(&self.reasons.get(&(reason as u32), 0)?))
+    }
+
+    pub fn reason_counts(&self) -> Result<Vec<(DecapReason, u64)>> {
+        debug_assert_eq!(DecapReason::ALL.len(), DECAP_REASON_COUNT as usize);
+        DecapReason::ALL.iter().map(|r| Ok((*r, self.reason_count(*r)?))).collect()
+    }
+}
+
+/// Loads both objects and describes their programs (with the verifier's instruction counts)
+/// and maps: what `lb inspect` and `cargo xtask build-ebpf` print.
+pub fn inspect() -> Result<String> {
+    let mut report = String::new();
+    for (object, program, bytes) in [("lb-balancer", BALANCER_PROGRAM, BALANCER_OBJECT), ("lb-decap", DECAP_PROGRAM, DECAP_OBJECT)] {
+        let mut ebpf = Ebpf::load(bytes).with_context(|| format!("cannot load {object}"))?;
+        load_xdp(&mut ebpf, program)?;
+        let info = xdp(&mut ebpf, program)?.info()?;
+        writeln!(report, "{object} ({} bytes of ELF)", bytes.len())?;
+        writeln!(
+            report,
+            "  program {program}: xdp, {} instructions verified, {} bytes translated",
+            info.verified_instruction_count().map_or("?".into(), |n| n.to_string()),
+            info.size_translated().map_or("?".into(), |n| n.to_string()),
+        )?;
+        let mut maps: Vec<_> = ebpf.maps().collect();
+        maps.sort_by_key(|(name, _)| name.to_string());
+        for (name, map) in maps {
+            let info = match map {
+                aya::maps::Map::Array(data)
+                | aya::maps::Map::HashMap(data)
+                | aya::maps::Map::LruHashMap(data)
+                | aya::maps::Map::PerCpuArray(data) => data.info()?,
+                other => return Err(anyhow!("map {name} has an unexpected type {other:?}")),
+            };
+            writeln!(
+                report,
+                "  map {name:<14} {:<14} key {:>3} B  value {:>6} B  max_entries {}",
+                format!("{:?}", info.map_type()?),
+                info.key_size(),
+                info.value_size(),
+                info.max_entries()
+            )?;
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,139 @@
+//! What the data plane needs from the host it runs on: sysctls, addresses, neighbours.
+//! Every change is logged, and the ones `lb backend` makes are undone on exit.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::PathBuf,
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use tracing::{info, warn};
+
+/// A sysctl as a path under /proc/sys, e.g. `net.ipv4.ip_forward`.
+fn sysctl_path(name: &str) -> PathBuf {
+    PathBuf::from("/proc/sys").join(name.replace('.', "/"))
+}
+
+pub fn read_sysctl(name: &str) -> Result<String> {
+    let value = std::fs::read_to_string(sysctl_path(name)).with_context(|| format!("cannot read sysctl {name}"))?;
+    Ok(value.trim().to_owned())
+}
+
+/// Sets a sysctl; returns the previous value when it changed.
+pub fn set_sysctl(name: &str, value: &str) -> Result<Option<String>> {
+    let previous = read_sysctl(name)?;
+    if previous == value {
+        return Ok(None);
+    }
+    std::fs::write(sysctl_path(name), value).with_context(|| format!("cannot set sysctl {name} = {value}"))?;
+    info!(sysctl = name, value, previous = previous.as_str(), "sysctl set");
+    Ok(Some(previous))
+}
+
+/// Sysctls changed for the lifetime of a process and put back on drop.
+#[derive(Default)]
+pub struct SysctlGuard {
+    changed: Vec<(String, String)>,
+}
+
+impl SysctlGuard {
+    pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        if let Some(previous) = set_sysctl(name, value)? {
+            self.changed.push((name.to_owned(), previous));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        for (name, previous) in self.changed.drain(..).rev() {
+            if let Err(err) = set_sysctl(&name, &previous) {
+                warn!("cannot restore sysctl {name}: {err:#}");
+            }
+        }
+    }
+}
+
+/// `bpf_fib_lookup` answers "forwarding disabled" unless the host forwards.
+pub fn enable_forwarding(interface: &str) -> Result<()> {
+    set_sysctl("net.ipv4.ip_forward", "1")?;
+    set_sysctl(&format!("net.ipv4.conf.{interface}.forwarding"), "1")?;
+    // IPv6 may be disabled on the host; then there is nothing to forward.
+    if sysctl_path("net.ipv6.conf.all.forwarding").exists() {
+        set_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    }
+    Ok(())
+}
+
+/// Every address configured on this host's interfaces (in this network namespace).
+pub fn local_addresses() -> Result<Vec<IpAddr>> {
+    let mut addresses = HashSet::new();
+    for ifaddr in nix::ifaddrs::getifaddrs().context("cannot list the host's addresses")? {
+        let Some(address) = ifaddr.address else { continue };
+        if let Some(v4) = address.as_sockaddr_in() {
+            addresses.insert(IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            addresses.insert(IpAddr::V6(v6.ip()));
+        }
+    }
+    let mut addresses: Vec<IpAddr> = addresses.into_iter().collect();
+    addresses.sort();
+    Ok(addresses)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let output = Command::new("ip").args(args).output().context("cannot run `ip` (install iproute2)")?;
+    if !output.status.success() {
+        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Addresses added to `lo` for the lifetime of a process and removed on drop.
+#[derive(Default)]
+pub struct LoopbackAddresses {
+    added: Vec<IpAddr>,
+}
+
+impl LoopbackAddresses {
+    pub fn add(&mut self, address: IpAddr) -> Result<()> {
+        if local_addresses()?.contains(&address) {
+            info!(%address, "address already on the host");
+            return Ok(());
+        }
+        let prefix = if address.is_ipv4() { 32 } else { 128 };
+        ip(&["addr", "add", &format!("{address}/{prefix}"), "dev", "lo"])?;
+        info!(%address, "address added to lo");
+        self.added.push(address);
+        Ok(())
+    }
+}
+
+impl Drop for LoopbackAddresses {
+    fn drop(&mut self) {
+        for address in self.added.drain(..) {
+            let prefix = if address.is_ipv4() { 32 } else { 128 };
+            if let Err(err) = ip(&["addr", "del", &format!("{address}/{prefix}"), "dev", "lo"]) {
+                warn!("cannot remove {address} from lo: {err:#}");
+            }
+        }
+    }
+}
+
+/// UDP discard port: a datagram to it makes the kernel resolve the neighbour and is harmless.
+const DISCARD_PORT: u16 = 9;
+
+/// Makes the kernel resolve the next hop towards each address, so that the XDP program's
+/// `bpf_fib_lookup` finds a neighbour entry for the first packet of a flow.
+pub fn prime_neighbours(addresses: impl IntoIterator<Item = IpAddr>) {
+    for address in addresses {
+        let bind: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+        let sent = UdpSocket::bind(bind).and_then(|socket| socket.send_to(&[], (address, DISCARD_PORT)));
+        if let Err(err) = sent {
+            warn!(%address, "cannot reach backend to resolve its neighbour entry: {err}");
+        }
+    }
+}

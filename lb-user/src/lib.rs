@@ -1,0 +1,10 @@
+//! The load balancer's control plane: configuration, Maglev tables, reconciliation of the
+//! desired state into the XDP program's maps, and the `lb` commands built on them.
+
+pub mod backend_agent;
+pub mod config;
+pub mod dataplane;
+pub mod host;
+pub mod maglev;
+pub mod reconcile;
+pub mod run;

@@ -1,0 +1,466 @@
+//! Desired state -> map writes. The only place that decides what the data plane holds.
+//!
+//! Idempotent and diff-based: applying the same desired state twice writes nothing the second
+//! time. Per VIP the order of writes keeps every packet's view consistent: new backends are
+//! written before any table names them; a new table goes into the VIP's idle slot and becomes
+//! live with one VIP-map update; a removed backend is marked draining only after the live table
+//! no longer names it, and is freed (its flows re-balanced) when its drain timeout ends.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use lb_common::{
+    Backend, FAMILY_V4, FAMILY_V6, ForwardingMode, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS,
+    VipInfo, VipKey, addr_v4, addr_v6, backend_state, table_index,
+};
+
+use crate::{
+    config::Config,
+    maglev::{self, MaglevBackend},
+};
+
+/// Seed of every table: all balancers given the same backend set build the same tables.
+pub const MAGLEV_SEED: u64 = 0;
+
+/// What the data-plane maps are written through (the kernel maps, or a recorder in tests).
+pub trait MapWriter {
+    fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<()>;
+    fn write_table(&mut self, index: u32, table: &[u32]) -> Result<()>;
+    fn write_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()>;
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
+}
+
+/// One VIP as it should be.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredVip {
+    pub name: String,
+    pub key: VipKey,
+    pub mode: ForwardingMode,
+    /// GUE port, host order.
+    pub encap_port: u16,
+    pub backends: Vec<DesiredBackend>,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub address: IpAddr,
+    pub weight: u32,
+}
+
+/// The VIP key of an address, port (host order) and protocol.
+pub fn vip_key(address: IpAddr, port: u16, proto: u8) -> VipKey {
+    let (addr, family) = addr_of(address);
+    VipKey { addr, port: port.to_be(), proto, family }
+}
+
+/// An address as stored in the maps, with its family.
+pub fn addr_of(address: IpAddr) -> (lb_common::Addr, u8) {
+    match address {
+        IpAddr::V4(v4) => (addr_v4(v4.octets()), FAMILY_V4),
+        IpAddr::V6(v6) => (addr_v6(v6.octets()), FAMILY_V6),
+    }
+}
+
+/// The desired state a configuration file describes (static backends).
+pub fn desired_from_config(config: &Config) -> Vec<DesiredVip> {
+    config
+        .vips
+        .iter()
+        .map(|vip| DesiredVip {
+            name: vip.name.clone(),
+            key: vip_key(vip.address, vip.port, vip.protocol.number()),
+            mode: vip.forwarding.mode(),
+            encap_port: vip.gue_port,
+            backends: vip
+                .backends
+                .iter()
+                .map(|b| DesiredBackend { address: b.address, weight: b.weight })
+                .collect(),
+            drain_timeout: vip.drain_timeout,
+        })
+        .collect()
+}
+
+/// Hands out ids, reusing a freed one only when no fresh id is left, and then the one freed
+/// longest ago: a flow still pinned to a freed id must not land on a new backend soon after.
+struct Ids {
+    next: u32,
+    end: u32,
+    freed: VecDeque<u32>,
+}
+
+impl Ids {
+    fn new(first: u32, end: u32) -> Self {
+        Self { next: first, end, freed: VecDeque::new() }
+    }
+
+    fn take(&mut self, what: &str) -> Result<u32> {
+        if self.next < self.end {
+            self.next += 1;
+            return Ok(self.next - 1);
+        }
+        self.freed.pop_front().with_context(|| format!("no free {what} id left"))
+    }
+
+    fn free(&mut self, id: u32) {
+        self.freed.push_back(id);
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendPhase {
+    Active,
+    /// Out of the table since the instant; freed when its drain timeout ends.
+    Draining(Instant),
+}
+
+#[derive(Clone, Debug)]
+pub struct BackendState {
+    pub id: u32,
+    pub weight: u32,
+    pub phase: BackendPhase,
+}
+
+#[derive(Debug)]
+pub struct VipState {
+    pub name: String,
+    pub info: VipInfo,
+    pub backends: BTreeMap<IpAddr, BackendState>,
+    pub table: Vec<u32>,
+    pub drain_timeout: Duration,
+}
+
+/// What one `apply` or `tick` changed, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub vips_added: usize,
+    pub vips_removed: usize,
+    pub backends_added: usize,
+    pub backends_draining: usize,
+    pub backends_freed: usize,
+    pub tables_swapped: usize,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
+}
+
+pub struct Reconciler {
+    vips: BTreeMap<VipKey, VipState>,
+    vip_ids: Ids,
+    backend_ids: Ids,
+}
+
+impl Default for Reconciler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Reconciler {
+    pub fn new() -> Self {
+        Self {
+            vips: BTreeMap::new(),
+            vip_ids: Ids::new(0, MAX_VIPS),
+            // Backend id 0 means "no backend" in the tables.
+            backend_ids: Ids::new(1, MAX_BACKENDS),
+        }
+    }
+
+    pub fn vips(&self) -> impl Iterator<Item = (&VipKey, &VipState)> {
+        self.vips.iter()
+    }
+
+    /// Brings the maps to `desired`. On error the maps may hold part of the change, but never
+    /// an inconsistent VIP: every table written names only backends already written.
+    pub fn apply(&mut self, desired: &[DesiredVip], maps: &mut impl MapWriter, now: Instant) -> Result<Changes> {
+        let mut changes = Changes::default();
+        let wanted: BTreeMap<VipKey, &DesiredVip> = desired.iter().map(|vip| (vip.key, vip)).collect();
+        if wanted.len() != desired.len() {
+            bail!("the desired state names one VIP twice");
+        }
+
+        let gone: Vec<VipKey> = self.vips.keys().filter(|key| !wanted.contains_key(key)).copied().collect();
+        for key in gone {
+            self.remove_vip(&key, maps)?;
+            changes.vips_removed += 1;
+        }
+        for vip in desired {
+            self.apply_vip(vip, maps, now, &mut changes)?;
+        }
+        Ok(changes)
+    }
+
+    fn remove_vip(&mut self, key: &VipKey, maps: &mut impl MapWriter) -> Result<()> {
+        maps.remove_vip(key)?;
+        let state = self.vips.remove(key).expect("removed VIP exists");
+        for backend in state.backends.values() {
+            maps.write_backend(backend.id, &unused_backend())?;
+            self.backend_ids.free(backend.id);
+        }
+        self.vip_ids.free(state.info.id);
+        Ok(())
+    }
+
+    fn apply_vip(&mut self, desired: &DesiredVip, maps: &mut impl MapWriter, now: Instant, changes: &mut Changes) -> Result<()> {
+        if !self.vips.contains_key(&desired.key) {
+            let id = self.vip_ids.take("VIP")?;
+            let info = VipInfo {
+                id,
+                // The first table goes into slot 0 (see below: the idle slot of "slot 1").
+                table_slot: 1,
+                mode: 0xff,
+                _pad: [0; 3],
+                encap_port: 0,
+                backend_port: desired.key.port,
+            };
+            self.vips.insert(
+                desired.key,
+                VipState { name: desired.name.clone(), info, backends: BTreeMap::new(), table: Vec::new(), drain_timeout: desired.drain_timeout },
+            );
+            changes.vips_added += 1;
+        }
+        let state = self.vips.get_mut(&desired.key).expect("VIP state exists");
+        state.name.clone_from(&desired.name);
+        state.drain_timeout = desired.drain_timeout;
+
+        // New backends and ones coming back from draining are written before the table names them.
+        for backend in &desired.backends {
+            let (addr, family) = addr_of(backend.address);
+            match state.backends.get_mut(&backend.address) {
+                Some(existing) => {
+                    existing.weight = backend.weight;
+                    if existing.phase != BackendPhase::Active {
+                        existing.phase = BackendPhase::Active;
+                        maps.write_backend(existing.id, &active_backend(addr, family))?;
+                    }
+                }
+                None => {
+                    let id = self.backend_ids.take("backend")?;
+                    maps.write_backend(id, &active_backend(addr, family))?;
+                    state.backends.insert(backend.address, BackendState { id, weight: backend.weight, phase: BackendPhase::Active });
+                    changes.backends_added += 1;
+                }
+            }
+        }
+
+        let mut newly_draining = Vec::new();
+        for (address, backend) in state.backends.iter_mut() {
+            let still_wanted = desired.backends.iter().any(|b| b.address == *address);
+            if !still_wanted && backend.phase == BackendPhase::Active {
+                backend.phase = BackendPhase::Draining(now);
+                newly_draining.push(*address);
+            }
+        }
+
+        let keys: Vec<String> = state.backends.keys().map(IpAddr::to_string).collect();
+        let members: Vec<MaglevBackend<'_>> = state
+            .backends
+            .values()
+            .zip(&keys)
+            .filter(|(backend, _)| backend.phase == BackendPhase::Active)
+            .map(|(backend, key)| MaglevBackend { key, id: backend.id, weight: backend.weight })
+            .collect();
+        let table = maglev::build_table(&members, MAGLEV_TABLE_SIZE, MAGLEV_SEED);
+
+        let mut info = state.info;
+        info.mode = desired.mode as u8;
+        info.encap_port = desired.encap_port.to_be();
+        if table != state.table {
+            let idle_slot = 1 - state.info.table_slot;
+            maps.write_table(table_index(info.id, idle_slot), &table)?;
+            info.table_slot = idle_slot;
+            state.table = table;
+            changes.tables_swapped += 1;
+        }
+        if info != state.info {
+            maps.write_vip(&desired.key, &info)?;
+            state.info = info;
+        }
+
+        // Only now that the live table no longer names them do they stop taking new flows.
+        for address in newly_draining {
+            let backend = &state.backends[&address];
+            let (addr, family) = addr_of(address);
+            maps.write_backend(backend.id, &Backend { addr, family, state: backend_state::DRAINING, _pad: [0; 2] })?;
+            changes.backends_draining += 1;
+        }
+        Ok(())
+    }
+
+    /// Frees backends whose drain timeout has ended: their remaining flows are re-balanced.
+    pub fn tick(&mut self, maps: &mut impl MapWriter, now: Instant) -> Result<Changes> {
+        let mut changes = Changes::default();
+        for state in self.vips.values_mut() {
+            let expired: Vec<IpAddr> = state
+                .backends
+                .iter()
+                .filter(|(_, b)| matches!(b.phase, BackendPhase::Draining(since) if now.duration_since(since) >= state.drain_timeout))
+                .map(|(address, _)| *address)
+                .collect();
+            for address in expired {
+                let backend = state.backends.remove(&address).expect("expired backend exists");
+                maps.write_backend(backend.id, &unused_backend())?;
+                self.backend_ids.free(backend.id);
+                changes.backends_freed += 1;
+            }
+        }
+        Ok(changes)
+    }
+}
+
+fn active_backend(addr: lb_common::Addr, family: u8) -> Backend {
+    Backend { addr, family, state: backend_state::ACTIVE, _pad: [0; 2] }
+}
+
+fn unused_backend() -> Backend {
+    Backend { addr: [0; 4], family: 0, state: backend_state::UNUSED, _pad: [0; 2] }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::IPPROTO_TCP;
+
+    #[derive(Debug, PartialEq)]
+    enum Write {
+        Backend(u32, u8),
+        Table(u32),
+        Vip(u32, u32),
+        RemoveVip,
+    }
+
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<Write>,
+        tables: BTreeMap<u32, Vec<u32>>,
+    }
+
+    impl MapWriter for Recorder {
+        fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+            self.writes.push(Write::Backend(id, backend.state));
+            Ok(())
+        }
+        fn write_table(&mut self, index: u32, table: &[u32]) -> Result<()> {
+            self.writes.push(Write::Table(index));
+            self.tables.insert(index, table.to_vec());
+            Ok(())
+        }
+        fn write_vip(&mut self, _key: &VipKey, info: &VipInfo) -> Result<()> {
+            self.writes.push(Write::Vip(info.id, info.table_slot));
+            Ok(())
+        }
+        fn remove_vip(&mut self, _key: &VipKey) -> Result<()> {
+            self.writes.push(Write::RemoveVip);
+            Ok(())
+        }
+    }
+
+    fn vip(backends: &[&str]) -> DesiredVip {
+        DesiredVip {
+            name: "web".into(),
+            key: vip_key("10.0.0.10".parse().unwrap(), 80, IPPROTO_TCP),
+            mode: ForwardingMode::Ipip,
+            encap_port: 6080,
+            backends: backends.iter().map(|a| DesiredBackend { address: a.parse().unwrap(), weight: 1 }).collect(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+
+    const ACTIVE: u8 = backend_state::ACTIVE;
+    const DRAINING: u8 = backend_state::DRAINING;
+    const UNUSED: u8 = backend_state::UNUSED;
+
+    #[test]
+    fn first_apply_writes_backends_then_table_then_vip() {
+        let mut reconciler = Reconciler::new();
+        let mut maps = Recorder::default();
+        let now = Instant::now();
+        let changes = reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.3"])], &mut maps, now).unwrap();
+        assert_eq!(maps.writes, vec![Write::Backend(1, ACTIVE), Write::Backend(2, ACTIVE), Write::Table(0), Write::Vip(0, 0)]);
+        assert_eq!(changes.backends_added, 2);
+        let table = &maps.tables[&0];
+        assert!(table.iter().all(|id| *id == 1 || *id == 2));
+    }
+
+    #[test]
+    fn applying_the_same_state_twice_writes_nothing() {
+        let mut reconciler = Reconciler::new();
+        let mut maps = Recorder::default();
+        let desired = [vip(&["10.1.0.2", "10.1.0.3"])];
+        reconciler.apply(&desired, &mut maps, Instant::now()).unwrap();
+        maps.writes.clear();
+        let changes = reconciler.apply(&desired, &mut maps, Instant::now()).unwrap();
+        assert!(changes.is_empty());
+        assert!(maps.writes.is_empty(), "{:?}", maps.writes);
+    }
+
+    #[test]
+    fn a_removed_backend_drains_after_the_swap_and_is_freed_after_the_timeout() {
+        let mut reconciler = Reconciler::new();
+        let mut maps = Recorder::default();
+        let start = Instant::now();
+        reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.3", "10.1.0.4"])], &mut maps, start).unwrap();
+        maps.writes.clear();
+
+        reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.4"])], &mut maps, start).unwrap();
+        // The idle slot (1) is written, made live, and only then is backend 2 draining.
+        assert_eq!(maps.writes, vec![Write::Table(1), Write::Vip(0, 1), Write::Backend(2, DRAINING)]);
+        assert!(!maps.tables[&1].contains(&2));
+
+        maps.writes.clear();
+        reconciler.tick(&mut maps, start + Duration::from_secs(29)).unwrap();
+        assert!(maps.writes.is_empty());
+        let changes = reconciler.tick(&mut maps, start + Duration::from_secs(30)).unwrap();
+        assert_eq!(changes.backends_freed, 1);
+        assert_eq!(maps.writes, vec![Write::Backend(2, UNUSED)]);
+    }
+
+    #[test]
+    fn a_draining_backend_that_returns_keeps_its_id() {
+        let mut reconciler = Reconciler::new();
+        let mut maps = Recorder::default();
+        let now = Instant::now();
+        reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.3"])], &mut maps, now).unwrap();
+        reconciler.apply(&[vip(&["10.1.0.2"])], &mut maps, now).unwrap();
+        maps.writes.clear();
+        reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.3"])], &mut maps, now).unwrap();
+        assert_eq!(maps.writes, vec![Write::Backend(2, ACTIVE), Write::Table(0), Write::Vip(0, 0)]);
+    }
+
+    #[test]
+    fn only_entries_of_the_removed_backend_move() {
+        let mut reconciler = Reconciler::new();
+        let mut maps = Recorder::default();
+        let now = Instant::now();
+        let all: Vec<String> = (2..12).map(|i| format!("10.1.0.{i}")).collect();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        reconciler.apply(&[vip(&all)], &mut maps, now).unwrap();
+        reconciler.apply(&[vip(&all[1..])], &mut maps, now).unwrap();
+        let moved = maglev::moved_fraction(&maps.tables[&0], &maps.tables[&1]);
+        println!("one of 10 backends removed: {:.2}% of the table moved (ideal 10%)", moved * 100.0);
+        assert!(moved < 0.13, "{moved}");
+    }
+
+    #[test]
+    fn a_removed_vip_is_deleted_and_its_backends_freed() {
+        let mut reconciler = Reconciler::new();
+        let mut maps = Recorder::default();
+        let now = Instant::now();
+        reconciler.apply(&[vip(&["10.1.0.2"])], &mut maps, now).unwrap();
+        maps.writes.clear();
+        let changes = reconciler.apply(&[], &mut maps, now).unwrap();
+        assert_eq!(changes.vips_removed, 1);
+        assert_eq!(maps.writes, vec![Write::RemoveVip, Write::Backend(1, UNUSED)]);
+        // A new VIP takes a fresh id, not the one just freed.
+        reconciler.apply(&[vip(&["10.1.0.9"])], &mut maps, now).unwrap();
+        assert_eq!(reconciler.vips().next().unwrap().1.info.id, 1);
+    }
+}

@@ -1,0 +1,91 @@
+//! `lb run`: load the balancer, fill its maps from the configuration, attach it, and keep
+//! the maps in line with the configuration (SIGHUP) and the drain timers until told to stop.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{self, Config},
+    dataplane::{Balancer, settings_from_config},
+    host,
+    reconcile::{Changes, Reconciler, desired_from_config},
+};
+
+/// How often drain timers are checked.
+const TICK: Duration = Duration::from_secs(1);
+/// How often backends' neighbour entries are refreshed.
+const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(30);
+
+fn log_changes(what: &str, changes: &Changes) {
+    if !changes.is_empty() {
+        info!(
+            vips_added = changes.vips_added,
+            vips_removed = changes.vips_removed,
+            backends_added = changes.backends_added,
+            backends_draining = changes.backends_draining,
+            backends_freed = changes.backends_freed,
+            tables_swapped = changes.tables_swapped,
+            "{what}"
+        );
+    }
+}
+
+fn backend_addresses(config: &Config) -> Vec<std::net::IpAddr> {
+    config.vips.iter().flat_map(|vip| vip.backends.iter().map(|b| b.address)).collect()
+}
+
+pub async fn run(config_path: &Path) -> Result<()> {
+    let mut config = config::load(config_path)?;
+    let dataplane = &config.dataplane;
+    host::enable_forwarding(&dataplane.interface)?;
+
+    let mut balancer = Balancer::load(dataplane.conntrack_entries)?;
+    balancer.write_settings(&settings_from_config(dataplane))?;
+    let mut reconciler = Reconciler::new();
+    let changes = reconciler.apply(&desired_from_config(&config), &mut balancer, Instant::now())?;
+    log_changes("maps filled", &changes);
+    host::prime_neighbours(backend_addresses(&config));
+    balancer.attach(&dataplane.interface, dataplane.xdp_mode)?;
+    info!(interface = dataplane.interface.as_str(), mode = ?dataplane.xdp_mode, vips = config.vips.len(), "data plane ready");
+
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut tick = tokio::time::interval(TICK);
+    let mut neighbours = tokio::time::interval(NEIGHBOUR_REFRESH);
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => match reload(config_path, &config, &mut reconciler, &mut balancer) {
+                Ok(new) => config = new,
+                Err(err) => error!("config not reloaded, the running configuration stays: {err:#}"),
+            },
+            _ = interrupt.recv() => break,
+            _ = terminate.recv() => break,
+            _ = tick.tick() => log_changes("drain finished", &reconciler.tick(&mut balancer, Instant::now())?),
+            _ = neighbours.tick() => host::prime_neighbours(backend_addresses(&config)),
+        }
+    }
+    info!("stopping: detaching the XDP program");
+    drop(balancer);
+    Ok(())
+}
+
+/// Re-reads the configuration and applies what changed. Settings of the loaded program
+/// (interface, mode, table sizes) need a restart and are reported, not applied.
+fn reload(path: &Path, running: &Config, reconciler: &mut Reconciler, balancer: &mut Balancer) -> Result<Config> {
+    let new = config::load(path)?;
+    if new.dataplane != running.dataplane {
+        warn!("[dataplane] settings changed; they take effect when lb restarts");
+    }
+    let changes = reconciler.apply(&desired_from_config(&new), balancer, Instant::now())?;
+    host::prime_neighbours(backend_addresses(&new));
+    log_changes("maps updated", &changes);
+    info!(vips = new.vips.len(), "config reloaded");
+    Ok(Config { dataplane: running.dataplane.clone(), vips: new.vips })
+}

@@ -90,7 +90,10 @@ mod tests {
         }
         let fair = 100_000 / 16;
         for count in buckets {
-            assert!(count.abs_diff(fair) < fair / 20, "bucket {count} vs fair {fair}");
+            assert!(
+                count.abs_diff(fair) < fair / 20,
+                "bucket {count} vs fair {fair}"
+            );
         }
     }
 }

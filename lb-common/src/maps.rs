@@ -100,7 +100,14 @@ pub struct FlowKey {
 
 impl FlowKey {
     /// A flow key from host-order ports (for userspace predictions and tests).
-    pub const fn new(family: u8, src: Addr, src_port: u16, dst: Addr, dst_port: u16, proto: u8) -> Self {
+    pub const fn new(
+        family: u8,
+        src: Addr,
+        src_port: u16,
+        dst: Addr,
+        dst_port: u16,
+        proto: u8,
+    ) -> Self {
         Self {
             src,
             dst,
@@ -113,11 +120,25 @@ impl FlowKey {
     }
 
     pub const fn v4(src: [u8; 4], src_port: u16, dst: [u8; 4], dst_port: u16, proto: u8) -> Self {
-        Self::new(FAMILY_V4, addr_v4(src), src_port, addr_v4(dst), dst_port, proto)
+        Self::new(
+            FAMILY_V4,
+            addr_v4(src),
+            src_port,
+            addr_v4(dst),
+            dst_port,
+            proto,
+        )
     }
 
     pub const fn v6(src: [u8; 16], src_port: u16, dst: [u8; 16], dst_port: u16, proto: u8) -> Self {
-        Self::new(FAMILY_V6, addr_v6(src), src_port, addr_v6(dst), dst_port, proto)
+        Self::new(
+            FAMILY_V6,
+            addr_v6(src),
+            src_port,
+            addr_v6(dst),
+            dst_port,
+            proto,
+        )
     }
 }
 

@@ -19,7 +19,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{FlowKey, Reason, VipKey, flow_hash};
 use lb_ebpf::packet::{parse_l2, parse_l3, parse_l4};
 
-use maps::{BACKEND_STATS, VIPS, VIP_STATS};
+use maps::{BACKEND_STATS, VIP_STATS, VIPS};
 
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
@@ -47,7 +47,12 @@ fn balance(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
     let l3 = parse_l3(ctx, &l2)?;
     let l4 = parse_l4(ctx, &l3)?;
 
-    let vip_key = VipKey { addr: l3.dst, port: l4.dst_port, proto: l3.proto, family: l3.family };
+    let vip_key = VipKey {
+        addr: l3.dst,
+        port: l4.dst_port,
+        proto: l3.proto,
+        family: l3.family,
+    };
     let vip = *unsafe { VIPS.get(&vip_key) }.ok_or(Reason::PassNotVip)?;
 
     let flow = FlowKey {

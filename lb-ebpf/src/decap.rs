@@ -46,7 +46,12 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn is_known(addr: &lb_common::Addr, family: u8, role: u8) -> bool {
-    let key = DecapKey { addr: *addr, family, role, _pad: [0; 2] };
+    let key = DecapKey {
+        addr: *addr,
+        family,
+        role,
+        _pad: [0; 2],
+    };
     unsafe { DECAP_ADDRESSES.get(&key) }.is_some()
 }
 
@@ -59,7 +64,11 @@ struct Tunnel {
 
 #[inline(always)]
 fn tunnel_of(ctx: &XdpContext, outer: &L3) -> Option<Tunnel> {
-    let ip_len = if outer.family == FAMILY_V4 { IPV4_HLEN } else { IPV6_HLEN };
+    let ip_len = if outer.family == FAMILY_V4 {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
+    };
     match outer.proto {
         IPPROTO_IPIP if outer.family == FAMILY_V4 => Some(Tunnel {
             outer_len: ip_len,
@@ -84,7 +93,11 @@ fn tunnel_of(ctx: &XdpContext, outer: &L3) -> Option<Tunnel> {
                 6 => ETH_P_IPV6,
                 _ => 0,
             };
-            Some(Tunnel { outer_len: ip_len + UDP_HLEN, inner_ether_type, reason: DecapReason::Gue })
+            Some(Tunnel {
+                outer_len: ip_len + UDP_HLEN,
+                inner_ether_type,
+                reason: DecapReason::Gue,
+            })
         }
         _ => None,
     }
@@ -93,7 +106,9 @@ fn tunnel_of(ctx: &XdpContext, outer: &L3) -> Option<Tunnel> {
 #[inline(always)]
 fn decap(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
     let l2 = parse_l2(ctx).map_err(|_| DecapReason::PassNotTunnel)?;
-    let outer = parse_l3(ctx, &l2).or_else(|_| parse_outer_ipip(ctx, &l2)).map_err(|_| DecapReason::PassNotTunnel)?;
+    let outer = parse_l3(ctx, &l2)
+        .or_else(|_| parse_outer_ipip(ctx, &l2))
+        .map_err(|_| DecapReason::PassNotTunnel)?;
     let tunnel = tunnel_of(ctx, &outer).ok_or(DecapReason::PassNotTunnel)?;
     if !is_known(&outer.dst, outer.family, DECAP_ROLE_HOST) {
         return Err(DecapReason::PassNotTunnel);
@@ -101,9 +116,15 @@ fn decap(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
 
     // From here on the packet is a tunnel packet for this host: pass only a sane inner packet
     // for one of its VIPs.
-    let inner_l2 = L2 { l3_off: l2.l3_off + tunnel.outer_len, ether_type: tunnel.inner_ether_type, vlan: l2.vlan };
+    let inner_l2 = L2 {
+        l3_off: l2.l3_off + tunnel.outer_len,
+        ether_type: tunnel.inner_ether_type,
+        vlan: l2.vlan,
+    };
     let inner = parse_l3(ctx, &inner_l2).map_err(|_| DecapReason::DropMalformed)?;
-    if inner.ip_len + tunnel.outer_len > outer.ip_len || !is_known(&inner.dst, inner.family, DECAP_ROLE_VIP) {
+    if inner.ip_len + tunnel.outer_len > outer.ip_len
+        || !is_known(&inner.dst, inner.family, DECAP_ROLE_VIP)
+    {
         return Err(DecapReason::DropMalformed);
     }
 
@@ -118,7 +139,8 @@ fn decap(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
     let ether_type = tunnel.inner_ether_type.to_be();
     if l2.vlan {
         let old_vlan: *const VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(DecapReason::DropInternal)?;
-        let new_vlan: *mut VlanHdr = ptr_at(ctx, tunnel.outer_len + ETH_HLEN).ok_or(DecapReason::DropInternal)?;
+        let new_vlan: *mut VlanHdr =
+            ptr_at(ctx, tunnel.outer_len + ETH_HLEN).ok_or(DecapReason::DropInternal)?;
         unsafe {
             (*new_eth).ether_type = ETH_P_8021Q.to_be();
             (*new_vlan).tci = (*old_vlan).tci;
@@ -149,7 +171,14 @@ fn parse_outer_ipip(ctx: &XdpContext, l2: &L2) -> Result<L3, ()> {
     if l2.l3_off + ip_len > ctx.data_end() - ctx.data() {
         return Err(());
     }
-    Ok(L3 { family: FAMILY_V6, l4_off: l2.l3_off + IPV6_HLEN, proto: IPPROTO_IPV6, src: ip.saddr, dst: ip.daddr, ip_len })
+    Ok(L3 {
+        family: FAMILY_V6,
+        l4_off: l2.l3_off + IPV6_HLEN,
+        proto: IPPROTO_IPV6,
+        src: ip.saddr,
+        dst: ip.daddr,
+        ip_len,
+    })
 }
 
 #[cfg(not(test))]

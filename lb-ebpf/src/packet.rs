@@ -31,7 +31,11 @@ pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassTruncated)?;
     let ether_type = u16::from_be(unsafe { (*eth).ether_type });
     if ether_type != ETH_P_8021Q {
-        return Ok(L2 { l3_off: ETH_HLEN, ether_type, vlan: false });
+        return Ok(L2 {
+            l3_off: ETH_HLEN,
+            ether_type,
+            vlan: false,
+        });
     }
     let vlan: *const VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(Reason::PassTruncated)?;
     Ok(L2 {
@@ -131,12 +135,20 @@ pub fn parse_l4(ctx: &XdpContext, l3: &L3) -> Result<L4, Reason> {
         IPPROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l3.l4_off).ok_or(Reason::PassTruncated)?;
             let tcp = unsafe { &*tcp };
-            Ok(L4 { src_port: tcp.source, dst_port: tcp.dest, tcp_flags: tcp.flags })
+            Ok(L4 {
+                src_port: tcp.source,
+                dst_port: tcp.dest,
+                tcp_flags: tcp.flags,
+            })
         }
         IPPROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l3.l4_off).ok_or(Reason::PassTruncated)?;
             let udp = unsafe { &*udp };
-            Ok(L4 { src_port: udp.source, dst_port: udp.dest, tcp_flags: 0 })
+            Ok(L4 {
+                src_port: udp.source,
+                dst_port: udp.dest,
+                tcp_flags: 0,
+            })
         }
         _ => Err(Reason::PassNotTcpUdp),
     }

@@ -36,7 +36,13 @@ pub struct NextHop {
 /// Looks up the route of a packet `src -> dst` of `tot_len` bytes (IP header included) that
 /// arrived on the context's interface. `tot_len` makes the kernel check the egress MTU.
 #[inline(always)]
-pub fn lookup(ctx: &XdpContext, family: u8, src: &Addr, dst: &Addr, tot_len: u16) -> Result<Route, Reason> {
+pub fn lookup(
+    ctx: &XdpContext,
+    family: u8,
+    src: &Addr,
+    dst: &Addr,
+    tot_len: u16,
+) -> Result<Route, Reason> {
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = family;
     params.ifindex = ctx.ingress_ifindex() as u32;

@@ -26,14 +26,25 @@ pub struct BackendOptions {
 
 fn decap_key(address: IpAddr, role: u8) -> DecapKey {
     let (addr, family) = addr_of(address);
-    DecapKey { addr, family, role, _pad: [0; 2] }
+    DecapKey {
+        addr,
+        family,
+        role,
+        _pad: [0; 2],
+    }
 }
 
 pub async fn run(options: BackendOptions) -> Result<()> {
     let interface = options.interface.as_str();
     let mut decap = Decap::load()?;
-    decap.write_settings(&DecapSettings { gue_port: options.gue_port.to_be(), _pad: [0; 6] })?;
-    let host_addresses: Vec<IpAddr> = host::local_addresses()?.into_iter().filter(|a| !options.vips.contains(a)).collect();
+    decap.write_settings(&DecapSettings {
+        gue_port: options.gue_port.to_be(),
+        _pad: [0; 6],
+    })?;
+    let host_addresses: Vec<IpAddr> = host::local_addresses()?
+        .into_iter()
+        .filter(|a| !options.vips.contains(a))
+        .collect();
     for address in &host_addresses {
         decap.add_address(&decap_key(*address, DECAP_ROLE_HOST))?;
     }
@@ -61,7 +72,16 @@ pub async fn run(options: BackendOptions) -> Result<()> {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
     }
-    info!("stopping: detaching the decapsulator, removing VIPs, restoring sysctls");
+    let counted: Vec<String> = decap
+        .reason_counts()?
+        .into_iter()
+        .filter(|(_, count)| *count > 0)
+        .map(|(reason, count)| format!("{}={count}", reason.name()))
+        .collect();
+    info!(
+        packets = counted.join(" "),
+        "stopping: detaching the decapsulator, removing VIPs, restoring sysctls"
+    );
     drop(decap);
     drop(loopback);
     drop(sysctls);

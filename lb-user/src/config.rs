@@ -242,11 +242,18 @@ struct Checker<'a> {
 
 impl Checker<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        self.text[..offset.min(self.text.len())].matches('\n').count() + 1
+        self.text[..offset.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
     }
 
     fn error(&self, line: Option<usize>, message: String) -> ConfigError {
-        ConfigError { file: self.path.to_owned(), line, message }
+        ConfigError {
+            file: self.path.to_owned(),
+            line,
+            message,
+        }
     }
 
     fn at<T>(&self, spanned: &Spanned<T>, message: String) -> ConfigError {
@@ -258,7 +265,13 @@ impl Checker<'_> {
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
         let dataplane = self.dataplane(&raw.dataplane)?;
         if raw.vip.len() > MAX_VIPS as usize {
-            return Err(self.error(None, format!("{} VIPs are configured; at most {MAX_VIPS} are supported", raw.vip.len())));
+            return Err(self.error(
+                None,
+                format!(
+                    "{} VIPs are configured; at most {MAX_VIPS} are supported",
+                    raw.vip.len()
+                ),
+            ));
         }
         let mut names = HashSet::new();
         let mut services = HashSet::new();
@@ -266,19 +279,31 @@ impl Checker<'_> {
         for spanned in &raw.vip {
             let vip = self.vip(spanned)?;
             if !names.insert(vip.name.clone()) {
-                return Err(self.at(&spanned.get_ref().name, format!("the VIP name \"{}\" is used twice", vip.name)));
+                return Err(self.at(
+                    &spanned.get_ref().name,
+                    format!("the VIP name \"{}\" is used twice", vip.name),
+                ));
             }
             if !services.insert((vip.address, vip.port, vip.protocol)) {
                 return Err(self.at(
                     &spanned.get_ref().address,
-                    format!("VIP \"{}\": {} port {} {:?} is configured twice", vip.name, vip.address, vip.port, vip.protocol),
+                    format!(
+                        "VIP \"{}\": {} port {} {:?} is configured twice",
+                        vip.name, vip.address, vip.port, vip.protocol
+                    ),
                 ));
             }
             vips.push(vip);
         }
         let backends: usize = vips.iter().map(|vip| vip.backends.len()).sum();
         if backends >= MAX_BACKENDS as usize {
-            return Err(self.error(None, format!("{backends} backends are configured; at most {} are supported", MAX_BACKENDS - 1)));
+            return Err(self.error(
+                None,
+                format!(
+                    "{backends} backends are configured; at most {} are supported",
+                    MAX_BACKENDS - 1
+                ),
+            ));
         }
         Ok(Config { dataplane, vips })
     }
@@ -286,17 +311,32 @@ impl Checker<'_> {
     fn dataplane(&self, spanned: &Spanned<RawDataplane>) -> Result<Dataplane, ConfigError> {
         let raw = spanned.get_ref();
         if raw.interface.trim().is_empty() {
-            return Err(self.at(spanned, "[dataplane] interface must name a network interface".into()));
+            return Err(self.at(
+                spanned,
+                "[dataplane] interface must name a network interface".into(),
+            ));
         }
         if raw.conntrack_entries < MIN_CONNTRACK_ENTRIES {
             return Err(self.at(
                 spanned,
-                format!("conntrack_entries = {} is too small; use at least {MIN_CONNTRACK_ENTRIES}", raw.conntrack_entries),
+                format!(
+                    "conntrack_entries = {} is too small; use at least {MIN_CONNTRACK_ENTRIES}",
+                    raw.conntrack_entries
+                ),
             ));
         }
-        let encap_source_v4 = self.prefix(raw.encap_source_v4.as_ref(), DEFAULT_ENCAP_SOURCE_V4, "encap_source_v4")?;
-        let encap_source_v6 = self.prefix(raw.encap_source_v6.as_ref(), DEFAULT_ENCAP_SOURCE_V6, "encap_source_v6")?;
-        let udp_timeout = self.duration(raw.udp_timeout.as_ref(), DEFAULT_UDP_TIMEOUT, "udp_timeout")?;
+        let encap_source_v4 = self.prefix(
+            raw.encap_source_v4.as_ref(),
+            DEFAULT_ENCAP_SOURCE_V4,
+            "encap_source_v4",
+        )?;
+        let encap_source_v6 = self.prefix(
+            raw.encap_source_v6.as_ref(),
+            DEFAULT_ENCAP_SOURCE_V6,
+            "encap_source_v6",
+        )?;
+        let udp_timeout =
+            self.duration(raw.udp_timeout.as_ref(), DEFAULT_UDP_TIMEOUT, "udp_timeout")?;
         Ok(Dataplane {
             interface: raw.interface.clone(),
             xdp_mode: raw.xdp_mode,
@@ -307,20 +347,44 @@ impl Checker<'_> {
         })
     }
 
-    fn prefix<N: std::str::FromStr>(&self, value: Option<&Spanned<String>>, default: &str, key: &str) -> Result<N, ConfigError> {
+    fn prefix<N: std::str::FromStr>(
+        &self,
+        value: Option<&Spanned<String>>,
+        default: &str,
+        key: &str,
+    ) -> Result<N, ConfigError> {
         match value {
             None => Ok(default.parse().ok().expect("default prefix parses")),
-            Some(spanned) => spanned
-                .get_ref()
-                .parse()
-                .map_err(|_| self.at(spanned, format!("{key} = \"{}\" is not a prefix like \"{default}\"", spanned.get_ref()))),
+            Some(spanned) => spanned.get_ref().parse().map_err(|_| {
+                self.at(
+                    spanned,
+                    format!(
+                        "{key} = \"{}\" is not a prefix like \"{default}\"",
+                        spanned.get_ref()
+                    ),
+                )
+            }),
         }
     }
 
-    fn duration(&self, value: Option<&Spanned<String>>, default: Duration, key: &str) -> Result<Duration, ConfigError> {
-        let Some(spanned) = value else { return Ok(default) };
-        let duration = humantime::parse_duration(spanned.get_ref())
-            .map_err(|err| self.at(spanned, format!("{key} = \"{}\" is not a duration like \"30s\": {err}", spanned.get_ref())))?;
+    fn duration(
+        &self,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+        key: &str,
+    ) -> Result<Duration, ConfigError> {
+        let Some(spanned) = value else {
+            return Ok(default);
+        };
+        let duration = humantime::parse_duration(spanned.get_ref()).map_err(|err| {
+            self.at(
+                spanned,
+                format!(
+                    "{key} = \"{}\" is not a duration like \"30s\": {err}",
+                    spanned.get_ref()
+                ),
+            )
+        })?;
         if duration.is_zero() {
             return Err(self.at(spanned, format!("{key} must be longer than zero")));
         }
@@ -330,19 +394,37 @@ impl Checker<'_> {
     fn vip(&self, spanned: &Spanned<RawVip>) -> Result<Vip, ConfigError> {
         let raw = spanned.get_ref();
         let name = raw.name.get_ref().trim().to_owned();
-        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(self.at(&raw.name, format!("VIP name \"{name}\" must be 1-64 letters, digits, '-', '_' or '.'")));
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(self.at(
+                &raw.name,
+                format!("VIP name \"{name}\" must be 1-64 letters, digits, '-', '_' or '.'"),
+            ));
         }
-        let address: IpAddr = raw
-            .address
-            .get_ref()
-            .parse()
-            .map_err(|_| self.at(&raw.address, format!("VIP \"{name}\": \"{}\" is not an IP address", raw.address.get_ref())))?;
+        let address: IpAddr = raw.address.get_ref().parse().map_err(|_| {
+            self.at(
+                &raw.address,
+                format!(
+                    "VIP \"{name}\": \"{}\" is not an IP address",
+                    raw.address.get_ref()
+                ),
+            )
+        })?;
         if !is_unicast(address) {
-            return Err(self.at(&raw.address, format!("VIP \"{name}\": {address} is not a unicast address a client can reach")));
+            return Err(self.at(
+                &raw.address,
+                format!("VIP \"{name}\": {address} is not a unicast address a client can reach"),
+            ));
         }
         if raw.port == 0 {
-            return Err(self.at(spanned, format!("VIP \"{name}\": port must be between 1 and 65535")));
+            return Err(self.at(
+                spanned,
+                format!("VIP \"{name}\": port must be between 1 and 65535"),
+            ));
         }
         let forwarding = *raw.forwarding.get_ref();
         if forwarding == Forwarding::Nat {
@@ -353,10 +435,19 @@ impl Checker<'_> {
         }
         let gue_port = match &raw.gue_port {
             Some(port) if forwarding != Forwarding::Gue => {
-                return Err(self.at(port, format!("VIP \"{name}\": gue_port only applies to forwarding = \"gue\", not \"{}\"", forwarding.name())));
+                return Err(self.at(
+                    port,
+                    format!(
+                        "VIP \"{name}\": gue_port only applies to forwarding = \"gue\", not \"{}\"",
+                        forwarding.name()
+                    ),
+                ));
             }
             Some(port) if *port.get_ref() == 0 => {
-                return Err(self.at(port, format!("VIP \"{name}\": gue_port must be between 1 and 65535")));
+                return Err(self.at(
+                    port,
+                    format!("VIP \"{name}\": gue_port must be between 1 and 65535"),
+                ));
             }
             Some(port) => *port.get_ref(),
             None => DEFAULT_GUE_PORT,
@@ -366,30 +457,65 @@ impl Checker<'_> {
         for entry in &raw.discovery.static_backends {
             let backend = self.backend(entry, &name, address)?;
             if !seen.insert(backend.address) {
-                return Err(self.at(entry, format!("VIP \"{name}\": backend {} is listed twice", backend.address)));
+                return Err(self.at(
+                    entry,
+                    format!(
+                        "VIP \"{name}\": backend {} is listed twice",
+                        backend.address
+                    ),
+                ));
             }
             backends.push(backend);
         }
-        let drain_timeout = self.duration(raw.drain.timeout.as_ref(), DEFAULT_DRAIN_TIMEOUT, "drain timeout")?;
-        Ok(Vip { name, address, port: raw.port, protocol: raw.protocol, forwarding, gue_port, backends, drain_timeout })
+        let drain_timeout = self.duration(
+            raw.drain.timeout.as_ref(),
+            DEFAULT_DRAIN_TIMEOUT,
+            "drain timeout",
+        )?;
+        Ok(Vip {
+            name,
+            address,
+            port: raw.port,
+            protocol: raw.protocol,
+            forwarding,
+            gue_port,
+            backends,
+            drain_timeout,
+        })
     }
 
-    fn backend(&self, spanned: &Spanned<RawBackend>, vip: &str, vip_address: IpAddr) -> Result<StaticBackend, ConfigError> {
+    fn backend(
+        &self,
+        spanned: &Spanned<RawBackend>,
+        vip: &str,
+        vip_address: IpAddr,
+    ) -> Result<StaticBackend, ConfigError> {
         let (text, weight) = match spanned.get_ref() {
             RawBackend::Address(address) => (address, 1),
             RawBackend::Weighted { address, weight } => (address, *weight),
         };
-        let address: IpAddr = text
-            .parse()
-            .map_err(|_| self.at(spanned, format!("VIP \"{vip}\": backend \"{text}\" is not an IP address")))?;
+        let address: IpAddr = text.parse().map_err(|_| {
+            self.at(
+                spanned,
+                format!("VIP \"{vip}\": backend \"{text}\" is not an IP address"),
+            )
+        })?;
         if address.is_ipv4() != vip_address.is_ipv4() {
             return Err(self.at(spanned, format!("VIP \"{vip}\": backend {address} is not of the VIP's address family ({vip_address})")));
         }
         if !is_unicast(address) || address == vip_address {
-            return Err(self.at(spanned, format!("VIP \"{vip}\": backend {address} is not a usable backend address")));
+            return Err(self.at(
+                spanned,
+                format!("VIP \"{vip}\": backend {address} is not a usable backend address"),
+            ));
         }
         if weight == 0 || weight > MAX_WEIGHT {
-            return Err(self.at(spanned, format!("VIP \"{vip}\": backend {address} has weight {weight}; use 1 to {MAX_WEIGHT}")));
+            return Err(self.at(
+                spanned,
+                format!(
+                    "VIP \"{vip}\": backend {address} has weight {weight}; use 1 to {MAX_WEIGHT}"
+                ),
+            ));
         }
         Ok(StaticBackend { address, weight })
     }
@@ -399,8 +525,19 @@ impl Checker<'_> {
 /// or link-local (a balancer must never become a loop or relay to such addresses).
 pub fn is_unicast(address: IpAddr) -> bool {
     match address {
-        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast() || v4.is_link_local()),
-        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast() || v6.is_unicast_link_local()),
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_link_local())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local())
+        }
     }
 }
 
@@ -427,7 +564,9 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
     }
 
     fn error_of(text: &str) -> String {
-        parse_str(text).expect_err("config must be rejected").to_string()
+        parse_str(text)
+            .expect_err("config must be rejected")
+            .to_string()
     }
 
     #[test]
@@ -435,53 +574,136 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
         let config = parse_str(GOOD).unwrap();
         assert_eq!(config.dataplane.interface, "eth0");
         assert_eq!(config.dataplane.xdp_mode, XdpMode::Native);
-        assert_eq!(config.dataplane.conntrack_entries, lb_common::DEFAULT_CONNTRACK_ENTRIES);
+        assert_eq!(
+            config.dataplane.conntrack_entries,
+            lb_common::DEFAULT_CONNTRACK_ENTRIES
+        );
         let vip = &config.vips[0];
         assert_eq!(vip.forwarding, Forwarding::Ipip);
         assert_eq!(vip.gue_port, DEFAULT_GUE_PORT);
         assert_eq!(vip.drain_timeout, Duration::from_secs(30));
-        assert_eq!(vip.backends[1], StaticBackend { address: "10.1.0.3".parse().unwrap(), weight: 2 });
+        assert_eq!(
+            vip.backends[1],
+            StaticBackend {
+                address: "10.1.0.3".parse().unwrap(),
+                weight: 2
+            }
+        );
     }
 
     #[test]
     fn errors_name_the_line_and_say_what_is_wrong() {
         let cases: &[(&str, &str, &str)] = &[
-            ("port = 80", "port = 80\ncolour = \"red\"", "lb.toml:9: unknown field `colour`"),
-            ("address = \"10.0.0.10\"", "address = \"10.0.0.300\"", "lb.toml:7: VIP \"web\": \"10.0.0.300\" is not an IP address"),
-            ("\"10.1.0.2\", {", "\"fd00::2\", {", "lb.toml:12: VIP \"web\": backend fd00::2 is not of the VIP's address family"),
-            ("\"10.1.0.2\", {", "\"10.1.0.2\", \"10.1.0.2\", {", "lb.toml:12: VIP \"web\": backend 10.1.0.2 is listed twice"),
-            ("weight = 2", "weight = 0", "lb.toml:12: VIP \"web\": backend 10.1.0.3 has weight 0"),
-            ("\"10.1.0.2\", {", "\"127.0.0.1\", {", "lb.toml:12: VIP \"web\": backend 127.0.0.1 is not a usable backend address"),
-            ("\"10.1.0.2\", {", "\"10.0.0.10\", {", "is not a usable backend address"),
-            ("forwarding = \"ipip\"", "forwarding = \"ipip\"\ngue_port = 7000", "lb.toml:11: VIP \"web\": gue_port only applies to forwarding = \"gue\""),
-            ("forwarding = \"ipip\"", "forwarding = \"tunnel\"", "lb.toml:10: unknown variant `tunnel`"),
-            ("interface = \"eth0\"", "interface = \"eth0\"\nconntrack_entries = 10", "conntrack_entries = 10 is too small"),
-            ("interface = \"eth0\"", "interface = \"eth0\"\nencap_source_v4 = \"172.16.0.0\"", "lb.toml:4: encap_source_v4 = \"172.16.0.0\" is not a prefix"),
-            ("interface = \"eth0\"", "interface = \"eth0\"\nudp_timeout = \"soon\"", "lb.toml:4: udp_timeout = \"soon\" is not a duration"),
+            (
+                "port = 80",
+                "port = 80\ncolour = \"red\"",
+                "lb.toml:9: unknown field `colour`",
+            ),
+            (
+                "address = \"10.0.0.10\"",
+                "address = \"10.0.0.300\"",
+                "lb.toml:7: VIP \"web\": \"10.0.0.300\" is not an IP address",
+            ),
+            (
+                "\"10.1.0.2\", {",
+                "\"fd00::2\", {",
+                "lb.toml:12: VIP \"web\": backend fd00::2 is not of the VIP's address family",
+            ),
+            (
+                "\"10.1.0.2\", {",
+                "\"10.1.0.2\", \"10.1.0.2\", {",
+                "lb.toml:12: VIP \"web\": backend 10.1.0.2 is listed twice",
+            ),
+            (
+                "weight = 2",
+                "weight = 0",
+                "lb.toml:12: VIP \"web\": backend 10.1.0.3 has weight 0",
+            ),
+            (
+                "\"10.1.0.2\", {",
+                "\"127.0.0.1\", {",
+                "lb.toml:12: VIP \"web\": backend 127.0.0.1 is not a usable backend address",
+            ),
+            (
+                "\"10.1.0.2\", {",
+                "\"10.0.0.10\", {",
+                "is not a usable backend address",
+            ),
+            (
+                "forwarding = \"ipip\"",
+                "forwarding = \"ipip\"\ngue_port = 7000",
+                "lb.toml:11: VIP \"web\": gue_port only applies to forwarding = \"gue\"",
+            ),
+            (
+                "forwarding = \"ipip\"",
+                "forwarding = \"tunnel\"",
+                "lb.toml:10: unknown variant `tunnel`",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"eth0\"\nconntrack_entries = 10",
+                "conntrack_entries = 10 is too small",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"eth0\"\nencap_source_v4 = \"172.16.0.0\"",
+                "lb.toml:4: encap_source_v4 = \"172.16.0.0\" is not a prefix",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"eth0\"\nudp_timeout = \"soon\"",
+                "lb.toml:4: udp_timeout = \"soon\" is not a duration",
+            ),
             ("port = 80", "port = 0", "port must be between 1 and 65535"),
             ("port = 80", "port = 70000", "lb.toml:8:"),
-            ("name = \"web\"", "name = \"web site\"", "lb.toml:6: VIP name \"web site\" must be"),
-            ("address = \"10.0.0.10\"", "address = \"224.0.0.1\"", "is not a unicast address"),
+            (
+                "name = \"web\"",
+                "name = \"web site\"",
+                "lb.toml:6: VIP name \"web site\" must be",
+            ),
+            (
+                "address = \"10.0.0.10\"",
+                "address = \"224.0.0.1\"",
+                "is not a unicast address",
+            ),
         ];
         for (from, to, expected) in cases {
             assert!(GOOD.contains(from), "fixture does not contain {from}");
             let message = error_of(&GOOD.replacen(from, to, 1));
-            assert!(message.contains(expected), "for {to:?}\n  got:      {message}\n  expected: {expected}");
+            assert!(
+                message.contains(expected),
+                "for {to:?}\n  got:      {message}\n  expected: {expected}"
+            );
         }
     }
 
     #[test]
     fn duplicate_vips_are_rejected() {
         let second = GOOD.split("[[vip]]").nth(1).unwrap();
-        let twice = format!("{GOOD}\n[[vip]]{}", second.replace("name = \"web\"", "name = \"web2\""));
-        assert!(error_of(&twice).contains("is configured twice"), "{}", error_of(&twice));
-        let same_name = format!("{GOOD}\n[[vip]]{}", second.replace("port = 80", "port = 81"));
+        let twice = format!(
+            "{GOOD}\n[[vip]]{}",
+            second.replace("name = \"web\"", "name = \"web2\"")
+        );
+        assert!(
+            error_of(&twice).contains("is configured twice"),
+            "{}",
+            error_of(&twice)
+        );
+        let same_name = format!(
+            "{GOOD}\n[[vip]]{}",
+            second.replace("port = 80", "port = 81")
+        );
         assert!(error_of(&same_name).contains("the VIP name \"web\" is used twice"));
     }
 
     #[test]
     fn a_missing_file_is_a_clear_error() {
-        let err = load(Path::new("/nonexistent/lb.toml")).unwrap_err().to_string();
-        assert!(err.starts_with("/nonexistent/lb.toml: cannot read the file"), "{err}");
+        let err = load(Path::new("/nonexistent/lb.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("/nonexistent/lb.toml: cannot read the file"),
+            "{err}"
+        );
     }
 }

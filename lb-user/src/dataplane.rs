@@ -11,16 +11,19 @@ use aya::{
 };
 use lb_common::{
     Backend, DECAP_REASON_COUNT, DecapKey, DecapReason, DecapSettings, Flow, FlowKey,
-    MAGLEV_TABLE_SIZE, MaglevTable, Reason, Settings, TrafficCounters, VipInfo,
-    VipKey,
+    MAGLEV_TABLE_SIZE, MaglevTable, Reason, Settings, TrafficCounters, VipInfo, VipKey,
 };
 
 use crate::{config, reconcile::MapWriter};
 
 /// The balancer program, built by `build.rs` from `lb-ebpf` (one build path, no file to ship).
-pub static BALANCER_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer"));
+pub static BALANCER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-balancer"));
 /// The DSR backend's decapsulator.
 pub static DECAP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-decap"));
+
+/// Reference programs (see `lb-ebpf/src/floor.rs`).
+pub static FLOOR_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-floor"));
 
 pub const BALANCER_PROGRAM: &str = "lb_balancer";
 pub const DECAP_PROGRAM: &str = "lb_decap";
@@ -34,8 +37,13 @@ impl From<config::XdpMode> for XdpMode {
     }
 }
 
-fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
-    let map = ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))?;
+fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
@@ -44,11 +52,16 @@ fn load_xdp(ebpf: &mut Ebpf, name: &str) -> Result<()> {
         .program_mut(name)
         .with_context(|| format!("the eBPF object has no program {name}"))?
         .try_into()?;
-    program.load().with_context(|| format!("the kernel refused to load {name}"))
+    program
+        .load()
+        .with_context(|| format!("the kernel refused to load {name}"))
 }
 
 fn xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
-    Ok(ebpf.program_mut(name).ok_or_else(|| anyhow!("no program {name}"))?.try_into()?)
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("no program {name}"))?
+        .try_into()?)
 }
 
 /// Attaches `program` to `interface`; the attachment lives as long as the loaded object.
@@ -59,12 +72,32 @@ fn attach(ebpf: &mut Ebpf, program: &str, interface: &str, mode: config::XdpMode
     Ok(())
 }
 
-/// One BPF_PROG_TEST_RUN of `program` on `frame`: the action and the frame it left.
-fn test_run(ebpf: &Ebpf, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-    let program: &Xdp = ebpf.program(program).ok_or_else(|| anyhow!("no program {program}"))?.try_into()?;
+/// One BPF_PROG_TEST_RUN of `program` on `frame` as if it arrived on `ingress_ifindex` (0:
+/// the namespace's loopback): the action and the frame it left.
+fn test_run(
+    ebpf: &Ebpf,
+    program: &str,
+    frame: &[u8],
+    ingress_ifindex: u32,
+) -> Result<(u32, Vec<u8>)> {
+    let program: &Xdp = ebpf
+        .program(program)
+        .ok_or_else(|| anyhow!("no program {program}"))?
+        .try_into()?;
     // Room for the largest encapsulation the programs add.
     let mut out = vec![0u8; frame.len() + 256];
-    let result = program.test_run(TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ..Default::default() })?;
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let xdp_md: Vec<u8> = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let ctx_in = (ingress_ifindex != 0).then_some(xdp_md.as_slice());
+    let result = program.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in,
+        ..Default::default()
+    })?;
     out.truncate(result.data_size_out as usize);
     Ok((result.return_value, out))
 }
@@ -74,11 +107,13 @@ fn sum(values: &[u64]) -> u64 {
 }
 
 fn sum_traffic(values: &[TrafficCounters]) -> TrafficCounters {
-    values.iter().fold(TrafficCounters::default(), |acc, v| TrafficCounters {
-        packets: acc.packets + v.packets,
-        bytes: acc.bytes + v.bytes,
-        new_flows: acc.new_flows + v.new_flows,
-    })
+    values
+        .iter()
+        .fold(TrafficCounters::default(), |acc, v| TrafficCounters {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+            new_flows: acc.new_flows + v.new_flows,
+        })
 }
 
 /// The loaded balancer program and its maps.
@@ -113,7 +148,9 @@ impl Balancer {
             reasons: take_map(&mut ebpf, "REASONS")?,
             vip_stats: take_map(&mut ebpf, "VIP_STATS")?,
             backend_stats: take_map(&mut ebpf, "BACKEND_STATS")?,
-            table_buffer: Box::new(MaglevTable { backends: [0; MAGLEV_TABLE_SIZE as usize] }),
+            table_buffer: Box::new(MaglevTable {
+                backends: [0; MAGLEV_TABLE_SIZE as usize],
+            }),
             ebpf,
         })
     }
@@ -123,16 +160,22 @@ impl Balancer {
     }
 
     pub fn program_fd(&self) -> Result<&ProgramFd> {
-        let program: &Xdp = self.ebpf.program(BALANCER_PROGRAM).ok_or_else(|| anyhow!("no program"))?.try_into()?;
+        let program: &Xdp = self
+            .ebpf
+            .program(BALANCER_PROGRAM)
+            .ok_or_else(|| anyhow!("no program"))?
+            .try_into()?;
         Ok(program.fd()?)
     }
 
     pub fn write_settings(&mut self, settings: &Settings) -> Result<()> {
-        self.settings.set(0, settings, 0).context("cannot write SETTINGS")
+        self.settings
+            .set(0, settings, 0)
+            .context("cannot write SETTINGS")
     }
 
-    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        test_run(&self.ebpf, BALANCER_PROGRAM, frame)
+    pub fn test_run(&self, frame: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>)> {
+        test_run(&self.ebpf, BALANCER_PROGRAM, frame, ingress_ifindex)
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
@@ -149,7 +192,10 @@ impl Balancer {
     }
 
     pub fn reason_counts(&self) -> Result<Vec<(Reason, u64)>> {
-        Reason::ALL.iter().map(|r| Ok((*r, self.reason_count(*r)?))).collect()
+        Reason::ALL
+            .iter()
+            .map(|r| Ok((*r, self.reason_count(*r)?)))
+            .collect()
     }
 
     pub fn vip_counters(&self, vip_id: u32) -> Result<TrafficCounters> {
@@ -167,12 +213,16 @@ impl Balancer {
 
 impl MapWriter for Balancer {
     fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
-        self.backends.set(id, backend, 0).with_context(|| format!("cannot write backend {id}"))
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("cannot write backend {id}"))
     }
 
     fn write_table(&mut self, index: u32, table: &[u32]) -> Result<()> {
         self.table_buffer.backends.copy_from_slice(table);
-        self.tables.set(index, &*self.table_buffer, 0).with_context(|| format!("cannot write table {index}"))
+        self.tables
+            .set(index, &*self.table_buffer, 0)
+            .with_context(|| format!("cannot write table {index}"))
     }
 
     fn write_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
@@ -195,7 +245,11 @@ pub fn settings_from_config(dataplane: &config::Dataplane) -> Settings {
         encap_v4_host_mask: u32::from(v4.hostmask()),
         encap_v6_prefix: v6_prefix,
         // Only the last word varies: at most 32 host bits are taken from the hash.
-        encap_v6_host_mask: if v6_host_bits >= 32 { u32::MAX } else { (1u32 << v6_host_bits) - 1 },
+        encap_v6_host_mask: if v6_host_bits >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << v6_host_bits) - 1
+        },
         _pad: 0,
         udp_timeout_ns: dataplane.udp_timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
     }
@@ -211,7 +265,8 @@ pub struct Decap {
 
 impl Decap {
     pub fn load() -> Result<Self> {
-        let mut ebpf = Ebpf::load(DECAP_OBJECT).context("cannot load the decap object (are you root, with BPF support?)")?;
+        let mut ebpf = Ebpf::load(DECAP_OBJECT)
+            .context("cannot load the decap object (are you root, with BPF support?)")?;
         load_xdp(&mut ebpf, DECAP_PROGRAM)?;
         Ok(Self {
             addresses: take_map(&mut ebpf, "DECAP_ADDRESSES")?,
@@ -226,15 +281,19 @@ impl Decap {
     }
 
     pub fn add_address(&mut self, key: &DecapKey) -> Result<()> {
-        self.addresses.insert(key, 1, 0).context("cannot write DECAP_ADDRESSES")
+        self.addresses
+            .insert(key, 1, 0)
+            .context("cannot write DECAP_ADDRESSES")
     }
 
     pub fn write_settings(&mut self, settings: &DecapSettings) -> Result<()> {
-        self.settings.set(0, settings, 0).context("cannot write DECAP_SETTINGS")
+        self.settings
+            .set(0, settings, 0)
+            .context("cannot write DECAP_SETTINGS")
     }
 
-    pub fn test_run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        test_run(&self.ebpf, DECAP_PROGRAM, frame)
+    pub fn test_run(&self, frame: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>)> {
+        test_run(&self.ebpf, DECAP_PROGRAM, frame, ingress_ifindex)
     }
 
     pub fn reason_count(&self, reason: DecapReason) -> Result<u64> {
@@ -243,7 +302,36 @@ impl Decap {
 
     pub fn reason_counts(&self) -> Result<Vec<(DecapReason, u64)>> {
         debug_assert_eq!(DecapReason::ALL.len(), DECAP_REASON_COUNT as usize);
-        DecapReason::ALL.iter().map(|r| Ok((*r, self.reason_count(*r)?))).collect()
+        DecapReason::ALL
+            .iter()
+            .map(|r| Ok((*r, self.reason_count(*r)?)))
+            .collect()
+    }
+}
+
+/// The reference programs: `floor_pass` (XDP_PASS) and `floor_tx` (swap MACs, XDP_TX).
+pub struct Floor {
+    ebpf: Ebpf,
+}
+
+impl Floor {
+    pub const PASS: &str = "floor_pass";
+    pub const TX: &str = "floor_tx";
+
+    pub fn load() -> Result<Self> {
+        let mut ebpf = Ebpf::load(FLOOR_OBJECT).context("cannot load the floor object")?;
+        load_xdp(&mut ebpf, Self::PASS)?;
+        load_xdp(&mut ebpf, Self::TX)?;
+        Ok(Self { ebpf })
+    }
+
+    /// Attaches `program` to `interface` for the lifetime of this object.
+    pub fn attach(&mut self, program: &str, interface: &str, mode: config::XdpMode) -> Result<()> {
+        attach(&mut self.ebpf, program, interface, mode)
+    }
+
+    pub fn test_run(&self, program: &str, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        test_run(&self.ebpf, program, frame, 0)
     }
 }
 
@@ -251,7 +339,10 @@ impl Decap {
 /// and maps: what `lb inspect` and `cargo xtask build-ebpf` print.
 pub fn inspect() -> Result<String> {
     let mut report = String::new();
-    for (object, program, bytes) in [("lb-balancer", BALANCER_PROGRAM, BALANCER_OBJECT), ("lb-decap", DECAP_PROGRAM, DECAP_OBJECT)] {
+    for (object, program, bytes) in [
+        ("lb-balancer", BALANCER_PROGRAM, BALANCER_OBJECT),
+        ("lb-decap", DECAP_PROGRAM, DECAP_OBJECT),
+    ] {
         let mut ebpf = Ebpf::load(bytes).with_context(|| format!("cannot load {object}"))?;
         load_xdp(&mut ebpf, program)?;
         let info = xdp(&mut ebpf, program)?.info()?;
@@ -259,7 +350,8 @@ pub fn inspect() -> Result<String> {
         writeln!(
             report,
             "  program {program}: xdp, {} instructions verified, {} bytes translated",
-            info.verified_instruction_count().map_or("?".into(), |n| n.to_string()),
+            info.verified_instruction_count()
+                .map_or("?".into(), |n| n.to_string()),
             info.size_translated().map_or("?".into(), |n| n.to_string()),
         )?;
         let mut maps: Vec<_> = ebpf.maps().collect();

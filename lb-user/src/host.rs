@@ -17,7 +17,8 @@ fn sysctl_path(name: &str) -> PathBuf {
 }
 
 pub fn read_sysctl(name: &str) -> Result<String> {
-    let value = std::fs::read_to_string(sysctl_path(name)).with_context(|| format!("cannot read sysctl {name}"))?;
+    let value = std::fs::read_to_string(sysctl_path(name))
+        .with_context(|| format!("cannot read sysctl {name}"))?;
     Ok(value.trim().to_owned())
 }
 
@@ -27,8 +28,14 @@ pub fn set_sysctl(name: &str, value: &str) -> Result<Option<String>> {
     if previous == value {
         return Ok(None);
     }
-    std::fs::write(sysctl_path(name), value).with_context(|| format!("cannot set sysctl {name} = {value}"))?;
-    info!(sysctl = name, value, previous = previous.as_str(), "sysctl set");
+    std::fs::write(sysctl_path(name), value)
+        .with_context(|| format!("cannot set sysctl {name} = {value}"))?;
+    info!(
+        sysctl = name,
+        value,
+        previous = previous.as_str(),
+        "sysctl set"
+    );
     Ok(Some(previous))
 }
 
@@ -72,7 +79,9 @@ pub fn enable_forwarding(interface: &str) -> Result<()> {
 pub fn local_addresses() -> Result<Vec<IpAddr>> {
     let mut addresses = HashSet::new();
     for ifaddr in nix::ifaddrs::getifaddrs().context("cannot list the host's addresses")? {
-        let Some(address) = ifaddr.address else { continue };
+        let Some(address) = ifaddr.address else {
+            continue;
+        };
         if let Some(v4) = address.as_sockaddr_in() {
             addresses.insert(IpAddr::V4(v4.ip()));
         } else if let Some(v6) = address.as_sockaddr_in6() {
@@ -85,9 +94,16 @@ pub fn local_addresses() -> Result<Vec<IpAddr>> {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let output = Command::new("ip").args(args).output().context("cannot run `ip` (install iproute2)")?;
+    let output = Command::new("ip")
+        .args(args)
+        .output()
+        .context("cannot run `ip` (install iproute2)")?;
     if !output.status.success() {
-        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "ip {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -130,8 +146,13 @@ const DISCARD_PORT: u16 = 9;
 /// `bpf_fib_lookup` finds a neighbour entry for the first packet of a flow.
 pub fn prime_neighbours(addresses: impl IntoIterator<Item = IpAddr>) {
     for address in addresses {
-        let bind: SocketAddr = if address.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
-        let sent = UdpSocket::bind(bind).and_then(|socket| socket.send_to(&[], (address, DISCARD_PORT)));
+        let bind: SocketAddr = if address.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let sent =
+            UdpSocket::bind(bind).and_then(|socket| socket.send_to(&[], (address, DISCARD_PORT)));
         if let Err(err) = sent {
             warn!(%address, "cannot reach backend to resolve its neighbour entry: {err}");
         }

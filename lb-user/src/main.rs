@@ -7,7 +7,11 @@ use lb_user::{backend_agent, config, dataplane};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "lb", version, about = "XDP L4 load balancer with Maglev consistent hashing")]
+#[command(
+    name = "lb",
+    version,
+    about = "XDP L4 load balancer with Maglev consistent hashing"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -68,16 +72,35 @@ impl From<XdpModeArg> for config::XdpMode {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("LB_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
         Command::Run { config } => lb_user::run::run(&config).await,
-        Command::Check { config } => config::load(&config).map(|config| {
-            println!("ok: {} VIP(s) on {}", config.vips.len(), config.dataplane.interface);
-        }).map_err(Into::into),
-        Command::Backend { interface, vips, gue_port, xdp_mode } => {
-            backend_agent::run(backend_agent::BackendOptions { interface, vips, gue_port, xdp_mode: xdp_mode.into() }).await
+        Command::Check { config } => config::load(&config)
+            .map(|config| {
+                println!(
+                    "ok: {} VIP(s) on {}",
+                    config.vips.len(),
+                    config.dataplane.interface
+                );
+            })
+            .map_err(Into::into),
+        Command::Backend {
+            interface,
+            vips,
+            gue_port,
+            xdp_mode,
+        } => {
+            backend_agent::run(backend_agent::BackendOptions {
+                interface,
+                vips,
+                gue_port,
+                xdp_mode: xdp_mode.into(),
+            })
+            .await
         }
         Command::Inspect => dataplane::inspect().map(|report| print!("{report}")),
     };

@@ -14,8 +14,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, ForwardingMode, MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS,
-    VipInfo, VipKey, addr_v4, addr_v6, backend_state, table_index,
+    Backend, FAMILY_V4, FAMILY_V6, FlowKey, ForwardingMode, MAGLEV_TABLE_SIZE, MAX_BACKENDS,
+    MAX_VIPS, VipInfo, VipKey, addr_v4, addr_v6, backend_state, flow_hash, maglev_slot,
+    table_index,
 };
 
 use crate::{
@@ -55,7 +56,12 @@ pub struct DesiredBackend {
 /// The VIP key of an address, port (host order) and protocol.
 pub fn vip_key(address: IpAddr, port: u16, proto: u8) -> VipKey {
     let (addr, family) = addr_of(address);
-    VipKey { addr, port: port.to_be(), proto, family }
+    VipKey {
+        addr,
+        port: port.to_be(),
+        proto,
+        family,
+    }
 }
 
 /// An address as stored in the maps, with its family.
@@ -79,7 +85,10 @@ pub fn desired_from_config(config: &Config) -> Vec<DesiredVip> {
             backends: vip
                 .backends
                 .iter()
-                .map(|b| DesiredBackend { address: b.address, weight: b.weight })
+                .map(|b| DesiredBackend {
+                    address: b.address,
+                    weight: b.weight,
+                })
                 .collect(),
             drain_timeout: vip.drain_timeout,
         })
@@ -96,7 +105,11 @@ struct Ids {
 
 impl Ids {
     fn new(first: u32, end: u32) -> Self {
-        Self { next: first, end, freed: VecDeque::new() }
+        Self {
+            next: first,
+            end,
+            freed: VecDeque::new(),
+        }
     }
 
     fn take(&mut self, what: &str) -> Result<u32> {
@@ -104,7 +117,9 @@ impl Ids {
             self.next += 1;
             return Ok(self.next - 1);
         }
-        self.freed.pop_front().with_context(|| format!("no free {what} id left"))
+        self.freed
+            .pop_front()
+            .with_context(|| format!("no free {what} id left"))
     }
 
     fn free(&mut self, id: u32) {
@@ -178,16 +193,44 @@ impl Reconciler {
         self.vips.iter()
     }
 
+    /// The backend the data plane picks for a new flow, from the same hash and table the
+    /// kernel uses: userspace can predict where any packet goes.
+    pub fn predict(&self, flow: &FlowKey) -> Option<IpAddr> {
+        let key = VipKey {
+            addr: flow.dst,
+            port: flow.dst_port,
+            proto: flow.proto,
+            family: flow.family,
+        };
+        let vip = self.vips.get(&key)?;
+        let id = *vip.table.get(maglev_slot(flow_hash(flow)) as usize)?;
+        vip.backends
+            .iter()
+            .find(|(_, backend)| backend.id == id)
+            .map(|(address, _)| *address)
+    }
+
     /// Brings the maps to `desired`. On error the maps may hold part of the change, but never
     /// an inconsistent VIP: every table written names only backends already written.
-    pub fn apply(&mut self, desired: &[DesiredVip], maps: &mut impl MapWriter, now: Instant) -> Result<Changes> {
+    pub fn apply(
+        &mut self,
+        desired: &[DesiredVip],
+        maps: &mut impl MapWriter,
+        now: Instant,
+    ) -> Result<Changes> {
         let mut changes = Changes::default();
-        let wanted: BTreeMap<VipKey, &DesiredVip> = desired.iter().map(|vip| (vip.key, vip)).collect();
+        let wanted: BTreeMap<VipKey, &DesiredVip> =
+            desired.iter().map(|vip| (vip.key, vip)).collect();
         if wanted.len() != desired.len() {
             bail!("the desired state names one VIP twice");
         }
 
-        let gone: Vec<VipKey> = self.vips.keys().filter(|key| !wanted.contains_key(key)).copied().collect();
+        let gone: Vec<VipKey> = self
+            .vips
+            .keys()
+            .filter(|key| !wanted.contains_key(key))
+            .copied()
+            .collect();
         for key in gone {
             self.remove_vip(&key, maps)?;
             changes.vips_removed += 1;
@@ -209,7 +252,13 @@ impl Reconciler {
         Ok(())
     }
 
-    fn apply_vip(&mut self, desired: &DesiredVip, maps: &mut impl MapWriter, now: Instant, changes: &mut Changes) -> Result<()> {
+    fn apply_vip(
+        &mut self,
+        desired: &DesiredVip,
+        maps: &mut impl MapWriter,
+        now: Instant,
+        changes: &mut Changes,
+    ) -> Result<()> {
         if !self.vips.contains_key(&desired.key) {
             let id = self.vip_ids.take("VIP")?;
             let info = VipInfo {
@@ -223,7 +272,13 @@ impl Reconciler {
             };
             self.vips.insert(
                 desired.key,
-                VipState { name: desired.name.clone(), info, backends: BTreeMap::new(), table: Vec::new(), drain_timeout: desired.drain_timeout },
+                VipState {
+                    name: desired.name.clone(),
+                    info,
+                    backends: BTreeMap::new(),
+                    table: Vec::new(),
+                    drain_timeout: desired.drain_timeout,
+                },
             );
             changes.vips_added += 1;
         }
@@ -245,7 +300,14 @@ impl Reconciler {
                 None => {
                     let id = self.backend_ids.take("backend")?;
                     maps.write_backend(id, &active_backend(addr, family))?;
-                    state.backends.insert(backend.address, BackendState { id, weight: backend.weight, phase: BackendPhase::Active });
+                    state.backends.insert(
+                        backend.address,
+                        BackendState {
+                            id,
+                            weight: backend.weight,
+                            phase: BackendPhase::Active,
+                        },
+                    );
                     changes.backends_added += 1;
                 }
             }
@@ -266,7 +328,11 @@ impl Reconciler {
             .values()
             .zip(&keys)
             .filter(|(backend, _)| backend.phase == BackendPhase::Active)
-            .map(|(backend, key)| MaglevBackend { key, id: backend.id, weight: backend.weight })
+            .map(|(backend, key)| MaglevBackend {
+                key,
+                id: backend.id,
+                weight: backend.weight,
+            })
             .collect();
         let table = maglev::build_table(&members, MAGLEV_TABLE_SIZE, MAGLEV_SEED);
 
@@ -289,7 +355,15 @@ impl Reconciler {
         for address in newly_draining {
             let backend = &state.backends[&address];
             let (addr, family) = addr_of(address);
-            maps.write_backend(backend.id, &Backend { addr, family, state: backend_state::DRAINING, _pad: [0; 2] })?;
+            maps.write_backend(
+                backend.id,
+                &Backend {
+                    addr,
+                    family,
+                    state: backend_state::DRAINING,
+                    _pad: [0; 2],
+                },
+            )?;
             changes.backends_draining += 1;
         }
         Ok(())
@@ -306,7 +380,10 @@ impl Reconciler {
                 .map(|(address, _)| *address)
                 .collect();
             for address in expired {
-                let backend = state.backends.remove(&address).expect("expired backend exists");
+                let backend = state
+                    .backends
+                    .remove(&address)
+                    .expect("expired backend exists");
                 maps.write_backend(backend.id, &unused_backend())?;
                 self.backend_ids.free(backend.id);
                 changes.backends_freed += 1;
@@ -317,11 +394,21 @@ impl Reconciler {
 }
 
 fn active_backend(addr: lb_common::Addr, family: u8) -> Backend {
-    Backend { addr, family, state: backend_state::ACTIVE, _pad: [0; 2] }
+    Backend {
+        addr,
+        family,
+        state: backend_state::ACTIVE,
+        _pad: [0; 2],
+    }
 }
 
 fn unused_backend() -> Backend {
-    Backend { addr: [0; 4], family: 0, state: backend_state::UNUSED, _pad: [0; 2] }
+    Backend {
+        addr: [0; 4],
+        family: 0,
+        state: backend_state::UNUSED,
+        _pad: [0; 2],
+    }
 }
 
 #[cfg(test)]
@@ -369,7 +456,13 @@ mod tests {
             key: vip_key("10.0.0.10".parse().unwrap(), 80, IPPROTO_TCP),
             mode: ForwardingMode::Ipip,
             encap_port: 6080,
-            backends: backends.iter().map(|a| DesiredBackend { address: a.parse().unwrap(), weight: 1 }).collect(),
+            backends: backends
+                .iter()
+                .map(|a| DesiredBackend {
+                    address: a.parse().unwrap(),
+                    weight: 1,
+                })
+                .collect(),
             drain_timeout: Duration::from_secs(30),
         }
     }
@@ -383,8 +476,18 @@ mod tests {
         let mut reconciler = Reconciler::new();
         let mut maps = Recorder::default();
         let now = Instant::now();
-        let changes = reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.3"])], &mut maps, now).unwrap();
-        assert_eq!(maps.writes, vec![Write::Backend(1, ACTIVE), Write::Backend(2, ACTIVE), Write::Table(0), Write::Vip(0, 0)]);
+        let changes = reconciler
+            .apply(&[vip(&["10.1.0.2", "10.1.0.3"])], &mut maps, now)
+            .unwrap();
+        assert_eq!(
+            maps.writes,
+            vec![
+                Write::Backend(1, ACTIVE),
+                Write::Backend(2, ACTIVE),
+                Write::Table(0),
+                Write::Vip(0, 0)
+            ]
+        );
         assert_eq!(changes.backends_added, 2);
         let table = &maps.tables[&0];
         assert!(table.iter().all(|id| *id == 1 || *id == 2));
@@ -395,9 +498,13 @@ mod tests {
         let mut reconciler = Reconciler::new();
         let mut maps = Recorder::default();
         let desired = [vip(&["10.1.0.2", "10.1.0.3"])];
-        reconciler.apply(&desired, &mut maps, Instant::now()).unwrap();
+        reconciler
+            .apply(&desired, &mut maps, Instant::now())
+            .unwrap();
         maps.writes.clear();
-        let changes = reconciler.apply(&desired, &mut maps, Instant::now()).unwrap();
+        let changes = reconciler
+            .apply(&desired, &mut maps, Instant::now())
+            .unwrap();
         assert!(changes.is_empty());
         assert!(maps.writes.is_empty(), "{:?}", maps.writes);
     }
@@ -407,18 +514,37 @@ mod tests {
         let mut reconciler = Reconciler::new();
         let mut maps = Recorder::default();
         let start = Instant::now();
-        reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.3", "10.1.0.4"])], &mut maps, start).unwrap();
+        reconciler
+            .apply(
+                &[vip(&["10.1.0.2", "10.1.0.3", "10.1.0.4"])],
+                &mut maps,
+                start,
+            )
+            .unwrap();
         maps.writes.clear();
 
-        reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.4"])], &mut maps, start).unwrap();
+        reconciler
+            .apply(&[vip(&["10.1.0.2", "10.1.0.4"])], &mut maps, start)
+            .unwrap();
         // The idle slot (1) is written, made live, and only then is backend 2 draining.
-        assert_eq!(maps.writes, vec![Write::Table(1), Write::Vip(0, 1), Write::Backend(2, DRAINING)]);
+        assert_eq!(
+            maps.writes,
+            vec![
+                Write::Table(1),
+                Write::Vip(0, 1),
+                Write::Backend(2, DRAINING)
+            ]
+        );
         assert!(!maps.tables[&1].contains(&2));
 
         maps.writes.clear();
-        reconciler.tick(&mut maps, start + Duration::from_secs(29)).unwrap();
+        reconciler
+            .tick(&mut maps, start + Duration::from_secs(29))
+            .unwrap();
         assert!(maps.writes.is_empty());
-        let changes = reconciler.tick(&mut maps, start + Duration::from_secs(30)).unwrap();
+        let changes = reconciler
+            .tick(&mut maps, start + Duration::from_secs(30))
+            .unwrap();
         assert_eq!(changes.backends_freed, 1);
         assert_eq!(maps.writes, vec![Write::Backend(2, UNUSED)]);
     }
@@ -428,11 +554,20 @@ mod tests {
         let mut reconciler = Reconciler::new();
         let mut maps = Recorder::default();
         let now = Instant::now();
-        reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.3"])], &mut maps, now).unwrap();
-        reconciler.apply(&[vip(&["10.1.0.2"])], &mut maps, now).unwrap();
+        reconciler
+            .apply(&[vip(&["10.1.0.2", "10.1.0.3"])], &mut maps, now)
+            .unwrap();
+        reconciler
+            .apply(&[vip(&["10.1.0.2"])], &mut maps, now)
+            .unwrap();
         maps.writes.clear();
-        reconciler.apply(&[vip(&["10.1.0.2", "10.1.0.3"])], &mut maps, now).unwrap();
-        assert_eq!(maps.writes, vec![Write::Backend(2, ACTIVE), Write::Table(0), Write::Vip(0, 0)]);
+        reconciler
+            .apply(&[vip(&["10.1.0.2", "10.1.0.3"])], &mut maps, now)
+            .unwrap();
+        assert_eq!(
+            maps.writes,
+            vec![Write::Backend(2, ACTIVE), Write::Table(0), Write::Vip(0, 0)]
+        );
     }
 
     #[test]
@@ -445,7 +580,10 @@ mod tests {
         reconciler.apply(&[vip(&all)], &mut maps, now).unwrap();
         reconciler.apply(&[vip(&all[1..])], &mut maps, now).unwrap();
         let moved = maglev::moved_fraction(&maps.tables[&0], &maps.tables[&1]);
-        println!("one of 10 backends removed: {:.2}% of the table moved (ideal 10%)", moved * 100.0);
+        println!(
+            "one of 10 backends removed: {:.2}% of the table moved (ideal 10%)",
+            moved * 100.0
+        );
         assert!(moved < 0.13, "{moved}");
     }
 
@@ -454,13 +592,20 @@ mod tests {
         let mut reconciler = Reconciler::new();
         let mut maps = Recorder::default();
         let now = Instant::now();
-        reconciler.apply(&[vip(&["10.1.0.2"])], &mut maps, now).unwrap();
+        reconciler
+            .apply(&[vip(&["10.1.0.2"])], &mut maps, now)
+            .unwrap();
         maps.writes.clear();
         let changes = reconciler.apply(&[], &mut maps, now).unwrap();
         assert_eq!(changes.vips_removed, 1);
-        assert_eq!(maps.writes, vec![Write::RemoveVip, Write::Backend(1, UNUSED)]);
+        assert_eq!(
+            maps.writes,
+            vec![Write::RemoveVip, Write::Backend(1, UNUSED)]
+        );
         // A new VIP takes a fresh id, not the one just freed.
-        reconciler.apply(&[vip(&["10.1.0.9"])], &mut maps, now).unwrap();
+        reconciler
+            .apply(&[vip(&["10.1.0.9"])], &mut maps, now)
+            .unwrap();
         assert_eq!(reconciler.vips().next().unwrap().1.info.id, 1);
     }
 }

@@ -37,7 +37,11 @@ fn log_changes(what: &str, changes: &Changes) {
 }
 
 fn backend_addresses(config: &Config) -> Vec<std::net::IpAddr> {
-    config.vips.iter().flat_map(|vip| vip.backends.iter().map(|b| b.address)).collect()
+    config
+        .vips
+        .iter()
+        .flat_map(|vip| vip.backends.iter().map(|b| b.address))
+        .collect()
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
@@ -71,14 +75,28 @@ pub async fn run(config_path: &Path) -> Result<()> {
             _ = neighbours.tick() => host::prime_neighbours(backend_addresses(&config)),
         }
     }
-    info!("stopping: detaching the XDP program");
+    let counted: Vec<String> = balancer
+        .reason_counts()?
+        .into_iter()
+        .filter(|(_, count)| *count > 0)
+        .map(|(reason, count)| format!("{}={count}", reason.name()))
+        .collect();
+    info!(
+        packets = counted.join(" "),
+        "stopping: detaching the XDP program"
+    );
     drop(balancer);
     Ok(())
 }
 
 /// Re-reads the configuration and applies what changed. Settings of the loaded program
 /// (interface, mode, table sizes) need a restart and are reported, not applied.
-fn reload(path: &Path, running: &Config, reconciler: &mut Reconciler, balancer: &mut Balancer) -> Result<Config> {
+fn reload(
+    path: &Path,
+    running: &Config,
+    reconciler: &mut Reconciler,
+    balancer: &mut Balancer,
+) -> Result<Config> {
     let new = config::load(path)?;
     if new.dataplane != running.dataplane {
         warn!("[dataplane] settings changed; they take effect when lb restarts");
@@ -87,5 +105,8 @@ fn reload(path: &Path, running: &Config, reconciler: &mut Reconciler, balancer: 
     host::prime_neighbours(backend_addresses(&new));
     log_changes("maps updated", &changes);
     info!(vips = new.vips.len(), "config reloaded");
-    Ok(Config { dataplane: running.dataplane.clone(), vips: new.vips })
+    Ok(Config {
+        dataplane: running.dataplane.clone(),
+        vips: new.vips,
+    })
 }

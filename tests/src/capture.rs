@@ -52,14 +52,17 @@ pub struct Capture {
 impl Capture {
     /// Starts capturing on `ifname` in `ns`; frames are recorded from the moment this returns.
     pub fn start(ns: &Ns, ifname: &str) -> Result<Capture> {
-        let (fd, ifindex) =
-            in_netns(ns, || open(ifname)).with_context(|| format!("capture on {ifname} in {ns}"))?;
+        let (fd, ifindex) = in_netns(ns, || open(ifname))
+            .with_context(|| format!("capture on {ifname} in {ns}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
             std::thread::spawn(move || record(&fd, ifindex, &stop))
         };
-        Ok(Capture { stop, thread: Some(thread) })
+        Ok(Capture {
+            stop,
+            thread: Some(thread),
+        })
     }
 
     /// Stops and returns the frames seen, in order (the queue is drained first).
@@ -69,7 +72,10 @@ impl Capture {
 
     fn stop_thread(&mut self) -> Vec<Frame> {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().map(|t| t.join().unwrap_or_default()).unwrap_or_default()
+        self.thread
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default()
     }
 }
 
@@ -108,7 +114,7 @@ fn record(fd: &OwnedFd, ifindex: libc::c_int, stop: &AtomicBool) -> Vec<Frame> {
     loop {
         match receive(fd, &mut buf) {
             Ok((len, from)) if from.sll_ifindex == ifindex && frames.len() < MAX_FRAMES => {
-                let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING as u8;
+                let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
                 frames.extend(parse(&buf[..len.min(SNAP_LEN)], outgoing));
             }
             Ok(_) => {}
@@ -151,14 +157,28 @@ fn parse(frame: &[u8], outgoing: bool) -> Option<Frame> {
     let ip = frame.get(14..)?;
     let (src_ip, dst_ip): (IpAddr, IpAddr) = match ethertype {
         ETHERTYPE_IPV4 => {
-            let addr = |at: usize| Some(Ipv4Addr::from(<[u8; 4]>::try_from(ip.get(at..at + 4)?).ok()?));
+            let addr = |at: usize| {
+                Some(Ipv4Addr::from(
+                    <[u8; 4]>::try_from(ip.get(at..at + 4)?).ok()?,
+                ))
+            };
             (addr(12)?.into(), addr(16)?.into())
         }
         ETHERTYPE_IPV6 => {
-            let addr = |at: usize| Some(Ipv6Addr::from(<[u8; 16]>::try_from(ip.get(at..at + 16)?).ok()?));
+            let addr = |at: usize| {
+                Some(Ipv6Addr::from(
+                    <[u8; 16]>::try_from(ip.get(at..at + 16)?).ok()?,
+                ))
+            };
             (addr(8)?.into(), addr(24)?.into())
         }
         _ => return None,
     };
-    Some(Frame { src_mac: mac(6)?, dst_mac: mac(0)?, src_ip, dst_ip, outgoing })
+    Some(Frame {
+        src_mac: mac(6)?,
+        dst_mac: mac(0)?,
+        src_ip,
+        dst_ip,
+        outgoing,
+    })
 }

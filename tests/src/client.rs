@@ -35,8 +35,10 @@ pub struct TcpSession {
 impl TcpSession {
     /// Connects from `ns`; `timeout` bounds the connect and every later request.
     pub fn connect(ns: &Ns, addr: IpAddr, port: u16, timeout: Duration) -> Result<TcpSession> {
-        in_netns(ns, || TcpSession::connect_here(SocketAddr::new(addr, port), timeout))
-            .with_context(|| format!("from {ns}"))
+        in_netns(ns, || {
+            TcpSession::connect_here(SocketAddr::new(addr, port), timeout)
+        })
+        .with_context(|| format!("from {ns}"))
     }
 
     /// Connects from the calling thread's namespace.
@@ -45,15 +47,24 @@ impl TcpSession {
             .with_context(|| format!("connecting to {peer}"))?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(TcpSession { peer, stream: BufReader::new(stream) })
+        Ok(TcpSession {
+            peer,
+            stream: BufReader::new(stream),
+        })
     }
 
     /// Sends `hi\n` and returns the name the server answers with.
     pub fn request(&mut self) -> Result<String> {
         let peer = self.peer;
-        self.stream.get_mut().write_all(b"hi\n").with_context(|| format!("sending to {peer}"))?;
+        self.stream
+            .get_mut()
+            .write_all(b"hi\n")
+            .with_context(|| format!("sending to {peer}"))?;
         let mut line = String::new();
-        let n = self.stream.read_line(&mut line).with_context(|| format!("reading from {peer}"))?;
+        let n = self
+            .stream
+            .read_line(&mut line)
+            .with_context(|| format!("reading from {peer}"))?;
         if n == 0 {
             bail!("{peer} closed the connection without answering");
         }
@@ -75,13 +86,19 @@ pub fn tcp_request(ns: &Ns, addr: IpAddr, port: u16, timeout: Duration) -> Resul
 pub fn udp_request(ns: &Ns, addr: IpAddr, port: u16, timeout: Duration) -> Result<String> {
     let peer = SocketAddr::new(addr, port);
     in_netns(ns, || {
-        let unspecified: IpAddr = if addr.is_ipv4() { [0u8; 4].into() } else { [0u8; 16].into() };
+        let unspecified: IpAddr = if addr.is_ipv4() {
+            [0u8; 4].into()
+        } else {
+            [0u8; 16].into()
+        };
         let socket = UdpSocket::bind((unspecified, 0))?;
         socket.set_read_timeout(Some(timeout))?;
         socket.connect(peer)?;
         socket.send(b"hi\n")?;
         let mut buf = [0u8; 512];
-        let n = socket.recv(&mut buf).with_context(|| format!("no answer from {peer}"))?;
+        let n = socket
+            .recv(&mut buf)
+            .with_context(|| format!("no answer from {peer}"))?;
         Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned())
     })
     .with_context(|| format!("UDP request from {ns} to {peer}"))
@@ -97,10 +114,6 @@ pub struct Tally {
 }
 
 impl Tally {
-    pub fn successes(&self) -> usize {
-        self.per_name.values().sum()
-    }
-
     fn record(&mut self, result: Result<String>) {
         match result {
             Ok(name) => *self.per_name.entry(name).or_default() += 1,
@@ -144,7 +157,9 @@ pub fn connect_many(ns: &Ns, addr: IpAddr, port: u16, n: usize) -> Result<Tally>
                             TcpSession::connect_here(peer, BURST_TIMEOUT)
                                 .and_then(|mut session| session.request())
                         } else {
-                            Err(anyhow::anyhow!("not attempted: {BURST_DEADLINE:?} deadline passed"))
+                            Err(anyhow::anyhow!(
+                                "not attempted: {BURST_DEADLINE:?} deadline passed"
+                            ))
                         };
                         tally.lock().unwrap().record(result);
                     }

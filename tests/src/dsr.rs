@@ -61,19 +61,41 @@ impl DsrLab {
         let backends = BACKEND_NAMES
             .iter()
             .zip(11..)
-            .map(|(name, n)| lab.host(name, &format!("198.18.0.{n}/24"), &format!("fd00:18::{n}/64")))
+            .map(|(name, n)| {
+                lab.host(
+                    name,
+                    &format!("198.18.0.{n}/24"),
+                    &format!("fd00:18::{n}/64"),
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         route_vips_via(&client, &balancer)?;
         // Locally generated packets carry partial checksums on veth, which an XDP rewrite
         // with incremental checksum updates would turn into frames the receiver drops.
-        client.ns.run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
+        client
+            .ns
+            .run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
         let mut servers = Vec::new();
         for backend in &backends {
-            for any in [IpAddr::from(Ipv4Addr::UNSPECIFIED), Ipv6Addr::UNSPECIFIED.into()] {
-                servers.push(spawn_tcp_server(&backend.ns, any, SERVICE_PORT, &backend.name)?);
+            for any in [
+                IpAddr::from(Ipv4Addr::UNSPECIFIED),
+                Ipv6Addr::UNSPECIFIED.into(),
+            ] {
+                servers.push(spawn_tcp_server(
+                    &backend.ns,
+                    any,
+                    SERVICE_PORT,
+                    &backend.name,
+                )?);
             }
         }
-        Ok(DsrLab { _servers: servers, client, balancer, backends, lab })
+        Ok(DsrLab {
+            _servers: servers,
+            client,
+            balancer,
+            backends,
+            lab,
+        })
     }
 
     /// A TCP VIP entry on [`SERVICE_PORT`] in `family` with every backend as static target.
@@ -94,7 +116,11 @@ impl DsrLab {
 
     /// A native-mode config for the balancer's interface.
     pub fn config(&self, vips: Vec<Vip>) -> LbConfig {
-        LbConfig { interface: self.balancer.ifname.clone(), xdp_mode: XdpMode::Native, vips }
+        LbConfig {
+            interface: self.balancer.ifname.clone(),
+            xdp_mode: XdpMode::Native,
+            vips,
+        }
     }
 
     /// Starts `lb backend` for both VIPs on every backend (with the GUE port for GUE).
@@ -112,7 +138,11 @@ impl DsrLab {
 
     /// Starts `lb run` in the balancer namespace with `config` (kept in the lab directory).
     pub fn start_balancer(&self, config: &LbConfig) -> Result<Balancer> {
-        Balancer::start(&self.balancer.ns, self.lab.workdir().join("lb.toml"), config)
+        Balancer::start(
+            &self.balancer.ns,
+            self.lab.workdir().join("lb.toml"),
+            config,
+        )
     }
 
     /// The backend owning Ethernet address `mac`.
@@ -123,6 +153,25 @@ impl DsrLab {
 
 /// Gives `client` a route to the VIP subnets through `balancer`, and nothing else off-link.
 fn route_vips_via(client: &Host, balancer: &Host) -> Result<()> {
-    ip(&client.ns, &["route", "add", VIP_SUBNET_V4, "via", &balancer.ipv4.to_string()])?;
-    ip(&client.ns, &["-6", "route", "add", VIP_SUBNET_V6, "via", &balancer.ipv6.to_string()])
+    ip(
+        &client.ns,
+        &[
+            "route",
+            "add",
+            VIP_SUBNET_V4,
+            "via",
+            &balancer.ipv4.to_string(),
+        ],
+    )?;
+    ip(
+        &client.ns,
+        &[
+            "-6",
+            "route",
+            "add",
+            VIP_SUBNET_V6,
+            "via",
+            &balancer.ipv6.to_string(),
+        ],
+    )
 }

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
-use crate::netns::{Netns, Ns, command, unique_prefix};
+use lb_user::{config, dataplane::Floor};
+
+use crate::netns::{Netns, Ns, command, in_netns, unique_prefix};
 
 /// The bridge every lab starts with; [`Lab::host`] plugs hosts into it.
 pub const BRIDGE: &str = "br0";
@@ -23,6 +25,8 @@ const IFNAME_MAX: usize = 15;
 /// cleanup can be checked. Drop deletes the namespaces (and with them every link) and the
 /// lab's work directory, also when the test panics.
 pub struct Lab {
+    /// The XDP_PASS program on the bridge ports; detached first.
+    xdp_pass: Option<Floor>,
     prefix: String,
     workdir: PathBuf,
     /// Declared before `switch`: hosts go first, so the bridges are empty when deleted.
@@ -78,18 +82,25 @@ impl Lab {
     pub fn new() -> Result<Lab> {
         crate::require_root();
         let prefix = unique_prefix();
+        let switch = Netns::create(&format!("{prefix}switch"))?;
         let workdir = std::env::temp_dir().join(prefix.trim_end_matches('-'));
         std::fs::create_dir(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
-        let switch = Netns::create(&format!("{prefix}switch"))?;
+        // From here on, Drop cleans up whatever fails.
+        let lab = Lab {
+            xdp_pass: None,
+            prefix,
+            workdir,
+            namespaces: Vec::new(),
+            switch,
+        };
         // The switch is a plain wire: bridged frames skip netfilter (br_netfilter is built in).
-        switch.ns().run(&[
+        lab.switch().run(&[
             "sysctl",
             "-qw",
             "net.bridge.bridge-nf-call-iptables=0",
             "net.bridge.bridge-nf-call-ip6tables=0",
             "net.bridge.bridge-nf-call-arptables=0",
         ])?;
-        let lab = Lab { prefix, workdir, namespaces: Vec::new(), switch };
         lab.add_bridge(BRIDGE)?;
         Ok(lab)
     }
@@ -114,7 +125,18 @@ impl Lab {
     /// Multicast snooping is off so IPv6 neighbour discovery is flooded like on a dumb switch.
     pub fn add_bridge(&self, bridge: &str) -> Result<()> {
         check_ifname(bridge)?;
-        ip(self.switch(), &["link", "add", bridge, "type", "bridge", "mcast_snooping", "0"])?;
+        ip(
+            self.switch(),
+            &[
+                "link",
+                "add",
+                bridge,
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
         ip(self.switch(), &["link", "set", bridge, "up"])
     }
 
@@ -135,8 +157,20 @@ impl Lab {
     /// A namespace `name` whose [`HOST_IFNAME`] is a veth to `bridge`, with the given addresses
     /// (IPv6 without duplicate address detection, so it is usable at once), and everything up.
     ///
-    /// GRO is on for the bridge-side end: native-mode XDP_TX frames sent by a program on the
-    /// host's end are dropped by veth otherwise (see NOTES.md); for other hosts it is harmless.
+    /// The bridge-side end runs an XDP_PASS program: veth drops native-mode XDP_TX frames
+    /// sent by a program on the host's end when its peer runs no XDP program (on this kernel
+    /// turning GRO on is not enough); for other hosts it is harmless.
+    /// Attaches the XDP_PASS floor program to a bridge port, for the lifetime of the lab.
+    fn attach_xdp_pass(&mut self, port: &str) -> Result<()> {
+        let floor = match &mut self.xdp_pass {
+            Some(floor) => floor,
+            None => self.xdp_pass.insert(Floor::load()?),
+        };
+        in_netns(&self.switch.ns().clone(), || {
+            floor.attach(Floor::PASS, port, config::XdpMode::Native)
+        })
+    }
+
     pub fn host_on(
         &mut self,
         bridge: &str,
@@ -148,18 +182,36 @@ impl Lab {
         check_ifname(&bridge_port)?;
         let ipv4: Ipv4Addr = address_of(ipv4_cidr)?;
         let ipv6 = address_of(ipv6_cidr)?;
-        // Derived from the IPv4 address: unique within a lab and recognisable in captures.
+        // Unique within the lab (the namespace index) and recognisable in captures (the end
+        // of the IPv4 address).
         let [_, _, c, d] = ipv4.octets();
-        let mac = MacAddr([0x02, 0x4c, 0x42, 0x00, c, d]);
+        let index = u8::try_from(self.namespaces.len()).context("too many namespaces")?;
+        let mac = MacAddr([0x02, 0x4c, 0x42, index, c, d]);
         let ns = self.namespace(name)?;
         let sw = self.switch().clone();
         let mac_text = mac.to_string();
-        let peer = ["name", HOST_IFNAME, "address", &mac_text, "netns", ns.name()];
-        ip(&sw, &[&["link", "add", &bridge_port, "type", "veth", "peer"][..], &peer].concat())?;
+        let link = [
+            "link",
+            "add",
+            &bridge_port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_IFNAME,
+            "address",
+            &mac_text,
+            "netns",
+            ns.name(),
+        ];
+        ip(&sw, &link)?;
         ip(&sw, &["link", "set", &bridge_port, "master", bridge, "up"])?;
-        sw.run(&["ethtool", "-K", &bridge_port, "gro", "on"])?;
+        self.attach_xdp_pass(&bridge_port)?;
         ip(&ns, &["addr", "add", ipv4_cidr, "dev", HOST_IFNAME])?;
-        ip(&ns, &["addr", "add", ipv6_cidr, "dev", HOST_IFNAME, "nodad"])?;
+        ip(
+            &ns,
+            &["addr", "add", ipv6_cidr, "dev", HOST_IFNAME, "nodad"],
+        )?;
         ip(&ns, &["link", "set", HOST_IFNAME, "up"])?;
         Ok(Host {
             name: name.to_owned(),
@@ -194,7 +246,8 @@ where
     let (addr, _len) = cidr
         .split_once('/')
         .with_context(|| format!("{cidr:?} is not address/prefix-length"))?;
-    addr.parse().with_context(|| format!("bad address in {cidr:?}"))
+    addr.parse()
+        .with_context(|| format!("bad address in {cidr:?}"))
 }
 
 fn check_ifname(name: &str) -> Result<()> {

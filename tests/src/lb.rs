@@ -34,15 +34,18 @@ pub const DECAP_READY_LINE: &str = "decap ready";
 /// `target/<profile>/lb`. Panics with how to build it when it is missing.
 pub fn lb_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("cannot locate the test executable");
-    let candidate = exe.parent().and_then(Path::parent).map(|profile| profile.join("lb"));
-    match candidate {
-        Some(path) if path.is_file() => path,
-        _ => panic!(
-            "the lb binary is missing (looked for {candidate:?} next to {}): \
-             build it with cargo build -p lb-user --bin lb (cargo xtask test does)",
-            exe.display()
-        ),
-    }
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("."));
+    let path = profile_dir.join("lb");
+    assert!(
+        path.is_file(),
+        "the lb binary is missing at {}: build it with cargo build -p lb-user --bin lb \
+         (cargo xtask test does)",
+        path.display()
+    );
+    path
 }
 
 /// How the balancer hands packets to a backend (`forwarding` in the config).
@@ -51,7 +54,9 @@ pub enum Forwarding {
     Nat,
     Ipip,
     /// GUE (UDP encapsulation) to this UDP port on the backends.
-    Gue { port: u16 },
+    Gue {
+        port: u16,
+    },
     /// Rewrite the destination MAC only: backends on the same segment.
     L2,
 }
@@ -129,7 +134,11 @@ impl LbConfig {
             if let Forwarding::Gue { port } = vip.forwarding {
                 let _ = writeln!(toml, "gue_port = {port}");
             }
-            let _ = write!(toml, "[vip.discovery]\nstatic = [{}]\n", backends.join(", "));
+            let _ = write!(
+                toml,
+                "[vip.discovery]\nstatic = [{}]\n",
+                backends.join(", ")
+            );
         }
         toml
     }
@@ -150,7 +159,10 @@ impl Balancer {
         let config_arg = config_path.to_str().context("config path is not UTF-8")?;
         let mut process = ns.spawn("lb-run", &[lb, "run", "--config", config_arg])?;
         process.wait_for_line(READY_LINE, READY_TIMEOUT)?;
-        Ok(Balancer { process, config_path })
+        Ok(Balancer {
+            process,
+            config_path,
+        })
     }
 
     /// Rewrites the config file, sends SIGHUP and waits for [`RELOADED_LINE`].
@@ -170,7 +182,10 @@ pub fn start_decap(
     gue_port: Option<u16>,
 ) -> Result<ChildGuard> {
     let mut args: Vec<String> = vec![
-        lb_binary().to_str().context("lb path is not UTF-8")?.to_owned(),
+        lb_binary()
+            .to_str()
+            .context("lb path is not UTF-8")?
+            .to_owned(),
         "backend".into(),
         "--interface".into(),
         interface.into(),
@@ -191,7 +206,10 @@ pub fn start_decap(
 pub fn shutdown(process: &mut ChildGuard) -> Result<()> {
     let status = process.stop(libc::SIGTERM, EXIT_TIMEOUT)?;
     if !status.success() {
-        bail!("exited with {status} on SIGTERM; log tail:\n{}", process.log_tail());
+        bail!(
+            "exited with {status} on SIGTERM; log tail:\n{}",
+            process.log_tail()
+        );
     }
     Ok(())
 }

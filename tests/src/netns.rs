@@ -86,7 +86,9 @@ pub fn in_netns<T: Send>(ns: &Ns, f: impl FnOnce() -> Result<T> + Send) -> Resul
             enter(ns)?;
             f()
         });
-        thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
 }
 
@@ -105,7 +107,7 @@ fn enter(ns: &Ns) -> Result<()> {
 ///
 /// Also deletes namespaces left by lab processes that no longer exist, so a run killed before
 /// its Drops ran (a timeout, SIGKILL) does not leave clutter for ever.
-pub fn unique_prefix() -> String {
+pub(crate) fn unique_prefix() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     remove_stale_namespaces();
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -117,7 +119,10 @@ fn remove_stale_namespaces() {
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
         return;
     };
-    for name in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+    for name in entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+    {
         let Some(pid) = name
             .strip_prefix(PREFIX_TAG)
             .and_then(|rest| rest.split_once('x'))

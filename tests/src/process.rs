@@ -1,6 +1,7 @@
 //! [`ChildGuard`]: a background process whose output goes to a log file the test can wait on,
 //! and which is stopped on Drop so a failing test leaves nothing running.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -14,13 +15,17 @@ use anyhow::{Context, Result, bail};
 /// its programs and undo its settings.
 const GRACE: Duration = Duration::from_secs(5);
 
+/// Where logs go (under the temp directory); those of failed tests stay there.
+const LOG_DIR: &str = "lb-test-logs";
+
 /// How many log lines failure messages quote.
 const TAIL_LINES: usize = 40;
 
 /// A running process (in its own process group) with stdout and stderr in one log file.
 ///
 /// Drop sends SIGTERM to the group, then SIGKILL after [`GRACE`]. When the thread is panicking
-/// it prints the log tail and keeps the file, so a failed test shows what the process said.
+/// it prints the log tail, so a failed test shows what the process said. The file is kept
+/// whenever its tail was quoted (that names it), else deleted.
 #[derive(Debug)]
 pub struct ChildGuard {
     label: String,
@@ -29,6 +34,8 @@ pub struct ChildGuard {
     /// Bytes of the log already consumed by [`ChildGuard::wait_for_line`].
     cursor: usize,
     status: Option<ExitStatus>,
+    /// Set once the log tail (which names the file) was quoted: the file is then kept.
+    keep_log: Cell<bool>,
 }
 
 impl ChildGuard {
@@ -36,7 +43,9 @@ impl ChildGuard {
     pub fn spawn(label: &str, mut cmd: Command) -> Result<ChildGuard> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let log_path = std::env::temp_dir().join(format!("{label}-{n}.log"));
+        let dir = std::env::temp_dir().join(LOG_DIR);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log_path = dir.join(format!("{label}-{n}.log"));
         let log = File::create_new(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
         let child = cmd
@@ -48,7 +57,14 @@ impl ChildGuard {
             .process_group(0)
             .spawn()
             .with_context(|| format!("{label}: could not start {cmd:?}"))?;
-        Ok(ChildGuard { label: label.to_owned(), child, log_path, cursor: 0, status: None })
+        Ok(ChildGuard {
+            label: label.to_owned(),
+            child,
+            log_path,
+            cursor: 0,
+            status: None,
+            keep_log: Cell::new(false),
+        })
     }
 
     fn pid(&self) -> u32 {
@@ -58,7 +74,10 @@ impl ChildGuard {
     /// Sends `signal` (e.g. `libc::SIGHUP`) to the process.
     pub fn signal(&mut self, signal: libc::c_int) -> Result<()> {
         if let Some(status) = self.poll()? {
-            bail!("{}: cannot send signal {signal}: it already exited ({status})", self.label);
+            bail!(
+                "{}: cannot send signal {signal}: it already exited ({status})",
+                self.label
+            );
         }
         self.kill(self.pid() as i32, signal)
     }
@@ -123,8 +142,9 @@ impl ChildGuard {
             .unwrap_or_else(|e| format!("(cannot read {}: {e})", self.log_path.display()))
     }
 
-    /// The last lines of the log, for failure messages.
+    /// The last lines of the log and its path, for failure messages (the file is then kept).
     pub fn log_tail(&self) -> String {
+        self.keep_log.set(true);
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n");
@@ -153,7 +173,10 @@ impl ChildGuard {
     /// The exit status if the process has exited (reaping it once).
     fn poll(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().with_context(|| format!("{}: wait", self.label))?;
+            self.status = self
+                .child
+                .try_wait()
+                .with_context(|| format!("{}: wait", self.label))?;
         }
         Ok(self.status)
     }
@@ -190,7 +213,8 @@ impl Drop for ChildGuard {
         self.terminate();
         if std::thread::panicking() {
             eprintln!("---- log of {} ----\n{}", self.label, self.log_tail());
-        } else {
+        }
+        if !self.keep_log.get() {
             let _ = std::fs::remove_file(&self.log_path);
         }
     }

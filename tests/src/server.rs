@@ -49,7 +49,9 @@ pub fn spawn_tcp_server(ns: &Ns, bind_addr: IpAddr, port: u16, name: &str) -> Re
         Ok(TcpListener::from(fd))
     })
     .with_context(|| format!("TCP server {name} on {addr} in {ns}"))?;
-    Ok(spawn_server(name, move |name, stop| serve_tcp(&listener, name, stop)))
+    Ok(spawn_server(name, move |name, stop| {
+        serve_tcp(&listener, name, stop)
+    }))
 }
 
 /// A UDP server in `ns` on `bind_addr:port` answering every datagram with `name\n`.
@@ -58,9 +60,13 @@ pub fn spawn_tcp_server(ns: &Ns, bind_addr: IpAddr, port: u16, name: &str) -> Re
 /// address (e.g. a VIP) where the reply must come from that address.
 pub fn spawn_udp_server(ns: &Ns, bind_addr: IpAddr, port: u16, name: &str) -> Result<ServerGuard> {
     let addr = SocketAddr::new(bind_addr, port);
-    let socket = in_netns(ns, || Ok(UdpSocket::from(bound_socket(addr, libc::SOCK_DGRAM)?)))
-        .with_context(|| format!("UDP server {name} on {addr} in {ns}"))?;
-    Ok(spawn_server(name, move |name, stop| serve_udp(&socket, name, stop)))
+    let socket = in_netns(ns, || {
+        Ok(UdpSocket::from(bound_socket(addr, libc::SOCK_DGRAM)?))
+    })
+    .with_context(|| format!("UDP server {name} on {addr} in {ns}"))?;
+    Ok(spawn_server(name, move |name, stop| {
+        serve_udp(&socket, name, stop)
+    }))
 }
 
 /// Runs `serve` on a thread until the guard is dropped.
@@ -74,7 +80,10 @@ fn spawn_server(
         let stop = stop.clone();
         std::thread::spawn(move || serve(&name, &stop))
     };
-    ServerGuard { stop, thread: Some(thread) }
+    ServerGuard {
+        stop,
+        thread: Some(thread),
+    }
 }
 
 /// Accepts until stopped, one thread per connection (joined before returning).
@@ -145,7 +154,11 @@ fn serve_udp(socket: &UdpSocket, name: &str, stop: &AtomicBool) {
 /// every [`POLL`], so server loops see their stop flag. Built by hand because std cannot set
 /// IPV6_V6ONLY before binding.
 fn bound_socket(addr: SocketAddr, kind: libc::c_int) -> io::Result<OwnedFd> {
-    let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     let fd = socket(family, kind, 0)?;
     set_receive_timeout(&fd, POLL)?;
     match addr {
@@ -153,18 +166,27 @@ fn bound_socket(addr: SocketAddr, kind: libc::c_int) -> io::Result<OwnedFd> {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*a.ip()).to_be() },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*a.ip()).to_be(),
+                },
                 sin_zero: [0; 8],
             };
             bind(&fd, &sin)?;
         }
         SocketAddr::V6(a) => {
-            set_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &(1 as libc::c_int))?;
+            set_option(
+                &fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                &(1 as libc::c_int),
+            )?;
             let sin6 = libc::sockaddr_in6 {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: a.scope_id(),
             };
             bind(&fd, &sin6)?;

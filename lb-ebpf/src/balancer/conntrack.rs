@@ -32,7 +32,11 @@ fn backend(id: u32) -> Option<Backend> {
 pub fn select(key: &FlowKey, hash: u32, vip: &VipInfo, tcp_flags: u8) -> Result<Selection, Reason> {
     let is_syn = key.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let is_udp = key.proto == IPPROTO_UDP;
-    let now = if is_udp { unsafe { bpf_ktime_get_ns() } } else { 0 };
+    let now = if is_udp {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     if !is_syn {
         if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
             let flow = unsafe { &mut *flow };
@@ -43,7 +47,11 @@ pub fn select(key: &FlowKey, hash: u32, vip: &VipInfo, tcp_flags: u8) -> Result<
                     if idle > FLOW_TOUCH_INTERVAL_NS {
                         flow.last_seen_ns = now;
                     }
-                    return Ok(Selection { id: flow.backend, backend, new_flow: false });
+                    return Ok(Selection {
+                        id: flow.backend,
+                        backend,
+                        new_flow: false,
+                    });
                 }
             }
         }
@@ -56,9 +64,17 @@ pub fn select(key: &FlowKey, hash: u32, vip: &VipInfo, tcp_flags: u8) -> Result<
     let slot = unsafe { core::ptr::read_volatile(&slot) } as usize;
     let id = *table.backends.get(slot).ok_or(Reason::DropNoBackend)?;
     let backend = backend(id).ok_or(Reason::DropNoBackend)?;
-    let flow = Flow { backend: id, _pad: 0, last_seen_ns: now };
+    let flow = Flow {
+        backend: id,
+        _pad: 0,
+        last_seen_ns: now,
+    };
     // A failed insert (table full of entries being updated concurrently) still forwards: the
     // next packet re-selects the same backend from the same table.
     let _ = CONNTRACK.insert(key, &flow, 0);
-    Ok(Selection { id, backend, new_flow: true })
+    Ok(Selection {
+        id,
+        backend,
+        new_flow: true,
+    })
 }

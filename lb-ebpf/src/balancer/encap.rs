@@ -19,7 +19,11 @@ use lb_ebpf::{
 /// Bytes the outer headers add.
 #[inline(always)]
 pub const fn outer_len(family: u8, gue: bool) -> usize {
-    let ip = if family == FAMILY_V4 { IPV4_HLEN } else { IPV6_HLEN };
+    let ip = if family == FAMILY_V4 {
+        IPV4_HLEN
+    } else {
+        IPV6_HLEN
+    };
     if gue { ip + UDP_HLEN } else { ip }
 }
 
@@ -46,7 +50,7 @@ pub struct Tunnel<'a> {
 }
 
 /// Grows the frame in front of the IP header and writes the outer headers. The Ethernet
-/// header (and VLAN tag) is rewritten at the new front; the MACs are set by the caller.
+/// header (and VLAN tag) is rewritten at the new front.
 #[inline(always)]
 pub fn push(ctx: &XdpContext, l2: &L2, l3: &L3, tunnel: &Tunnel) -> Result<(), Reason> {
     let gue = tunnel.gue_port.is_some();
@@ -58,8 +62,16 @@ pub fn push(ctx: &XdpContext, l2: &L2, l3: &L3, tunnel: &Tunnel) -> Result<(), R
         (ip.tos, u16::from_be(ip.frag_off) & IP_DF, 0)
     } else {
         let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(Reason::DropInternal)?;
-        (0, 0, u32::from_be(unsafe { (*ip).version_tc_flow }) & 0x0ff0_0000)
+        (
+            0,
+            0,
+            u32::from_be(unsafe { (*ip).version_tc_flow }) & 0x0ff0_0000,
+        )
     };
+    // The MACs are kept so that a packet passed to the kernel (no neighbour yet) is still
+    // addressed to this host; `route::transmit` replaces them when the next hop is known.
+    let old_eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::DropInternal)?;
+    let (dst_mac, src_mac) = unsafe { ((*old_eth).dst, (*old_eth).src) };
     let vlan_tci = if l2.vlan {
         let vlan: *const VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(Reason::DropInternal)?;
         unsafe { (*vlan).tci }
@@ -71,8 +83,16 @@ pub fn push(ctx: &XdpContext, l2: &L2, l3: &L3, tunnel: &Tunnel) -> Result<(), R
         return Err(Reason::DropInternal);
     }
 
-    let family_type = if l3.family == FAMILY_V4 { ETH_P_IP } else { ETH_P_IPV6 };
+    let family_type = if l3.family == FAMILY_V4 {
+        ETH_P_IP
+    } else {
+        ETH_P_IPV6
+    };
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Reason::DropInternal)?;
+    unsafe {
+        (*eth).dst = dst_mac;
+        (*eth).src = src_mac;
+    }
     if l2.vlan {
         let vlan: *mut VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(Reason::DropInternal)?;
         unsafe {

@@ -40,7 +40,12 @@ pub fn forward(
             let src = encap::outer_source(settings, l3.family, hash);
             let outer_len = l3.ip_len + encap::outer_len(l3.family, gue_port.is_some());
             let route = route::lookup(ctx, l3.family, &src, &backend.addr, outer_len as u16)?;
-            let tunnel = Tunnel { src: &src, dst: &backend.addr, gue_port, hash };
+            let tunnel = Tunnel {
+                src: &src,
+                dst: &backend.addr,
+                gue_port,
+                hash,
+            };
             encap::push(ctx, l2, l3, &tunnel)?;
             match route {
                 Route::Resolved(hop) => route::transmit(ctx, &hop),

@@ -20,6 +20,8 @@ pub use maps::*;
 pub const MAGLEV_TABLE_SIZE: u32 = 65537;
 /// Most VIPs one balancer serves.
 pub const MAX_VIPS: u32 = 64;
+/// Entries of the VIP map: every VIP, plus one ICMP entry per VIP address (echo replies).
+pub const VIP_MAP_ENTRIES: u32 = 2 * MAX_VIPS;
 /// Each VIP owns two table slots: the live one and the one the control plane writes next.
 pub const TABLE_SLOTS_PER_VIP: u32 = 2;
 /// Most backends (over all VIPs) the backend array holds. Id 0 is reserved: "no backend".
@@ -33,6 +35,14 @@ pub const UDP_FLOW_TIMEOUT_NS: u64 = 30_000_000_000;
 /// A pinned flow's last-seen time is refreshed at most this often, to keep the connection
 /// table's cache lines from bouncing between CPUs on every packet.
 pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+/// A closed TCP flow's connection entry and NAT port are reused after this long (a reused
+/// 5-tuple before that is taken for a retransmission of the old connection).
+pub const TCP_CLOSING_TIMEOUT_NS: u64 = 10_000_000_000;
+/// How many NAT source ports a new flow tries before the range counts as exhausted.
+pub const NAT_PORT_PROBES: u32 = 16;
+/// VIP entries for ICMP (echo) use port 0.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
 /// Default UDP destination port of GUE encapsulation.
 pub const DEFAULT_GUE_PORT: u16 = 6080;
 /// GUE outer UDP source ports are taken from the flow hash within this range, so the backend's
@@ -119,6 +129,16 @@ pub enum Reason {
     DropNoNeighbour,
     /// A helper the program relies on failed (adjust_head, map).
     DropInternal,
+    /// NAT: no free source port for a new flow within `NAT_PORT_PROBES` tries.
+    DropNatPortsExhausted,
+    /// A packet to the NAT port range that matches no NAT entry: passed to the host.
+    PassNatReverseMiss,
+    /// An ICMP error about a flow the balancer does not know: passed to the host.
+    PassIcmpUnknown,
+    /// An ICMP echo request to a VIP, answered by the balancer.
+    IcmpEchoReply,
+    /// An ICMP error about a NAT flow, translated and forwarded.
+    IcmpErrorTranslated,
     /// Forwarded out of the interface it came in on.
     Tx,
     /// Forwarded out of another interface.
@@ -142,6 +162,11 @@ impl Reason {
         Reason::DropMtu,
         Reason::DropNoNeighbour,
         Reason::DropInternal,
+        Reason::DropNatPortsExhausted,
+        Reason::PassNatReverseMiss,
+        Reason::PassIcmpUnknown,
+        Reason::IcmpEchoReply,
+        Reason::IcmpErrorTranslated,
         Reason::Tx,
         Reason::Redirect,
     ];
@@ -161,6 +186,11 @@ impl Reason {
             Reason::DropMtu => "drop_mtu",
             Reason::DropNoNeighbour => "drop_no_neighbour",
             Reason::DropInternal => "drop_internal",
+            Reason::DropNatPortsExhausted => "drop_nat_ports_exhausted",
+            Reason::PassNatReverseMiss => "pass_nat_reverse_miss",
+            Reason::PassIcmpUnknown => "pass_icmp_unknown",
+            Reason::IcmpEchoReply => "icmp_echo_reply",
+            Reason::IcmpErrorTranslated => "icmp_error_translated",
             Reason::Tx => "tx",
             Reason::Redirect => "redirect",
         }

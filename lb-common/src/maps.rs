@@ -49,6 +49,8 @@ pub struct VipInfo {
     pub encap_port: u16,
     /// Port the backend listens on, network order (NAT; the DSR modes keep the VIP port).
     pub backend_port: u16,
+    /// NAT: the source address packets to the backends get (an address of the balancer).
+    pub snat_addr: Addr,
 }
 
 impl VipInfo {
@@ -147,8 +149,32 @@ impl FlowKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Flow {
     pub backend: u32,
-    pub _pad: u32,
+    /// NAT: the source port allocated for the flow, network order; 0 in the DSR modes.
+    pub snat_port: u16,
+    /// `FLOW_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
     /// `bpf_ktime_get_ns` of the last refresh (see `FLOW_TOUCH_INTERVAL_NS`).
+    pub last_seen_ns: u64,
+}
+
+/// A FIN or RST was seen: the flow (and its NAT port) may be reused after `TCP_CLOSING_TIMEOUT_NS`.
+pub const FLOW_CLOSING: u8 = 1;
+
+/// Value of the `NAT_REVERSE` LRU map, keyed by the reply's 5-tuple as it arrives from the
+/// backend (backend -> SNAT address and port): where the reply goes back to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatReverse {
+    pub client: Addr,
+    pub vip: Addr,
+    /// Network order.
+    pub client_port: u16,
+    /// Network order.
+    pub vip_port: u16,
+    /// `FLOW_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
     pub last_seen_ns: u64,
 }
 
@@ -167,6 +193,10 @@ pub struct Settings {
     pub _pad: u32,
     /// Idle time after which a UDP flow is re-balanced.
     pub udp_timeout_ns: u64,
+    /// NAT source ports, host order, inclusive. Replies to other ports are not NAT traffic.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub _pad2: u32,
 }
 
 /// Per-CPU traffic counters of one VIP or one backend.
@@ -214,6 +244,7 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for NatReverse {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for DecapKey {}
@@ -228,11 +259,12 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<VipKey>(), 20);
-        assert_eq!(size_of::<VipInfo>(), 16);
+        assert_eq!(size_of::<VipInfo>(), 32);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 16);
-        assert_eq!(size_of::<Settings>(), 40);
+        assert_eq!(size_of::<Settings>(), 48);
+        assert_eq!(size_of::<NatReverse>(), 48);
         assert_eq!(size_of::<DecapKey>(), 20);
         assert_eq!(size_of::<DecapSettings>(), 8);
         assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_TABLE_SIZE as usize);

@@ -33,7 +33,7 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// The project's test command: prereqs, build `lb`, `cargo test --workspace`. Needs root.
+    /// The project's test command: prereqs, build `lb`, `cargo test` of every suite. Needs root.
     Test {
         /// Extra arguments for the test binaries, after `--` (e.g. `-- --test-threads 1`).
         #[arg(last = true)]
@@ -110,7 +110,7 @@ fn test(test_args: &[String]) -> Result<()> {
             ("build lb (compiles and embeds the eBPF object)", &|| {
                 build_lb(false)
             }),
-            ("cargo test --workspace", &|| cargo_test(test_args)),
+            ("cargo test (unit, packet fixtures, namespaces)", &|| cargo_test(test_args)),
         ],
     )
 }
@@ -126,7 +126,8 @@ fn build_lb(release: bool) -> Result<()> {
 
 fn cargo_test(test_args: &[String]) -> Result<()> {
     let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    // The default members: every crate but lb-ebpf, which only builds for the BPF target.
+    cmd.args(["test", "--no-fail-fast"]);
     if !test_args.is_empty() {
         cmd.arg("--").args(test_args);
     }

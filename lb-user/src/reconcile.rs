@@ -269,6 +269,7 @@ impl Reconciler {
                 _pad: [0; 3],
                 encap_port: 0,
                 backend_port: desired.key.port,
+                snat_addr: [0; 4],
             };
             self.vips.insert(
                 desired.key,

@@ -66,6 +66,8 @@ pub fn select(key: &FlowKey, hash: u32, vip: &VipInfo, tcp_flags: u8) -> Result<
     let backend = backend(id).ok_or(Reason::DropNoBackend)?;
     let flow = Flow {
         backend: id,
+        snat_port: 0,
+        flags: 0,
         _pad: 0,
         last_seen_ns: now,
     };

@@ -10,52 +10,87 @@ mod conntrack;
 mod encap;
 #[path = "balancer/forward.rs"]
 mod forward;
+#[path = "balancer/icmp.rs"]
+mod icmp;
 #[path = "balancer/maps.rs"]
 mod maps;
+#[path = "balancer/nat.rs"]
+mod nat;
 #[path = "balancer/stats.rs"]
 mod stats;
+#[path = "balancer/verdict.rs"]
+mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::{FlowKey, Reason, VipKey, flow_hash};
-use lb_ebpf::packet::{parse_l2, parse_l3, parse_l4};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use lb_common::{
+    FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, Reason, Settings, VipInfo, VipKey, flow_hash,
+};
+use lb_ebpf::packet::{Headers, parse_l2, parse_l3, parse_l4};
 
-use maps::{BACKEND_STATS, VIP_STATS, VIPS};
+use maps::{BACKEND_STATS, SCRATCH, SETTINGS, Scratch, VIP_STATS, VIPS};
+use verdict::Verdict;
 
 #[xdp]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
-    let (action, reason) = balance(&ctx).unwrap_or_else(|reason| (verdict(reason), reason));
-    stats::count_reason(reason);
-    action
+    let verdict = balance(&ctx);
+    stats::count_reason(verdict.reason());
+    verdict.action()
 }
 
-/// The action for a packet the fast path does not forward.
 #[inline(always)]
-fn verdict(reason: Reason) -> u32 {
-    match reason {
-        Reason::DropNoBackend
-        | Reason::DropNoRoute
-        | Reason::DropMtu
-        | Reason::DropNoNeighbour
-        | Reason::DropInternal => xdp_action::XDP_DROP,
-        _ => xdp_action::XDP_PASS,
+fn balance(ctx: &XdpContext) -> Verdict {
+    let (Some(scratch), Some(settings)) = (SCRATCH.get_ptr_mut(0), SETTINGS.get(0)) else {
+        return Verdict::of(Err(Reason::DropInternal));
+    };
+    let scratch = unsafe { &mut *scratch };
+    match parse(ctx) {
+        Ok(Some(headers)) => scratch.headers = headers,
+        Ok(None) => return icmp::handle(ctx, settings),
+        Err(reason) => return Verdict::of(Err(reason)),
     }
-}
-
-#[inline(always)]
-fn balance(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
-    let l2 = parse_l2(ctx)?;
-    let l3 = parse_l3(ctx, &l2)?;
-    let l4 = parse_l4(ctx, &l3)?;
-
-    let vip_key = VipKey {
+    let Headers { l3, l4, .. } = &scratch.headers;
+    scratch.vip_key = VipKey {
         addr: l3.dst,
         port: l4.dst_port,
         proto: l3.proto,
         family: l3.family,
     };
-    let vip = *unsafe { VIPS.get(&vip_key) }.ok_or(Reason::PassNotVip)?;
+    match unsafe { VIPS.get(&scratch.vip_key) } {
+        Some(vip) => to_vip(ctx, settings, vip, scratch),
+        // Not for a VIP: a backend's reply to a NAT flow, or the host's own traffic.
+        None => forward::reply(ctx, settings, &scratch.headers),
+    }
+}
 
-    let flow = FlowKey {
+/// The headers of a TCP/UDP packet; `None` for ICMP, which has its own path.
+#[inline(always)]
+fn parse(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
+    let l2 = parse_l2(ctx)?;
+    let l3 = parse_l3(ctx, &l2)?;
+    if l3.proto == IPPROTO_ICMP || l3.proto == IPPROTO_ICMPV6 {
+        return Ok(None);
+    }
+    let l4 = parse_l4(ctx, &l3)?;
+    Ok(Some(Headers { l2, l3, l4 }))
+}
+
+/// A packet for a VIP: pick its backend and send it there. Not inlined, like the reply and
+/// ICMP paths: the verifier limits the stack of a whole call chain to 512 bytes, and separate
+/// functions let the paths share it instead of adding up in one frame.
+#[inline(never)]
+fn to_vip(ctx: &XdpContext, settings: &Settings, vip: &VipInfo, scratch: &mut Scratch) -> Verdict {
+    Verdict::of(forward_to_backend(ctx, settings, vip, scratch))
+}
+
+#[inline(always)]
+fn forward_to_backend(
+    ctx: &XdpContext,
+    settings: &Settings,
+    vip: &VipInfo,
+    scratch: &mut Scratch,
+) -> Result<(u32, Reason), Reason> {
+    let Headers { l3, l4, .. } = scratch.headers;
+    scratch.flow = FlowKey {
         src: l3.src,
         dst: l3.dst,
         src_port: l4.src_port,
@@ -64,9 +99,9 @@ fn balance(ctx: &XdpContext) -> Result<(u32, Reason), Reason> {
         family: l3.family,
         _pad: [0; 2],
     };
-    let hash = flow_hash(&flow);
-    let selection = conntrack::select(&flow, hash, &vip, l4.tcp_flags)?;
-    let result = forward::forward(ctx, &l2, &l3, &vip, &selection.backend, hash)?;
+    let hash = flow_hash(&scratch.flow);
+    let selection = conntrack::select(settings, scratch, hash, vip, l4.tcp_flags)?;
+    let result = forward::forward(ctx, settings, &scratch.headers, vip, &selection, hash)?;
     stats::count_traffic(&VIP_STATS, vip.id, l3.ip_len, selection.new_flow);
     stats::count_traffic(&BACKEND_STATS, selection.id, l3.ip_len, selection.new_flow);
     Ok(result)

@@ -82,12 +82,12 @@ fn tunnel_of(ctx: &XdpContext, outer: &L3) -> Option<Tunnel> {
         }),
         IPPROTO_UDP => {
             let gue_port = DECAP_SETTINGS.get(0)?.gue_port;
-            let udp: *const UdpHdr = ptr_at(ctx, outer.l4_off)?;
+            let udp: *const UdpHdr = ptr_at(ctx, outer.l4_off())?;
             if gue_port == 0 || unsafe { (*udp).dest } != gue_port {
                 return None;
             }
             // GUE variant 1: the first nibble after UDP is the inner IP version.
-            let version: *const u8 = ptr_at(ctx, outer.l4_off + UDP_HLEN)?;
+            let version: *const u8 = ptr_at(ctx, outer.l4_off() + UDP_HLEN)?;
             let inner_ether_type = match unsafe { *version } >> 4 {
                 4 => ETH_P_IP,
                 6 => ETH_P_IPV6,
@@ -116,11 +116,11 @@ fn decap(ctx: &XdpContext) -> Result<DecapReason, DecapReason> {
 
     // From here on the packet is a tunnel packet for this host: pass only a sane inner packet
     // for one of its VIPs.
-    let inner_l2 = L2 {
-        l3_off: l2.l3_off + tunnel.outer_len,
-        ether_type: tunnel.inner_ether_type,
-        vlan: l2.vlan,
-    };
+    let inner_l2 = L2::new(
+        l2.l3_off() + tunnel.outer_len,
+        tunnel.inner_ether_type,
+        l2.vlan,
+    );
     let inner = parse_l3(ctx, &inner_l2).map_err(|_| DecapReason::DropMalformed)?;
     if inner.ip_len + tunnel.outer_len > outer.ip_len
         || !is_known(&inner.dst, inner.family, DECAP_ROLE_VIP)
@@ -162,18 +162,18 @@ fn parse_outer_ipip(ctx: &XdpContext, l2: &L2) -> Result<L3, ()> {
     if l2.ether_type != ETH_P_IPV6 {
         return Err(());
     }
-    let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(())?;
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off()).ok_or(())?;
     let ip = unsafe { &*ip };
     if ip.next_header != IPPROTO_IPV6 || u32::from_be(ip.version_tc_flow) >> 28 != 6 {
         return Err(());
     }
     let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
-    if l2.l3_off + ip_len > ctx.data_end() - ctx.data() {
+    if l2.l3_off() + ip_len > ctx.data_end() - ctx.data() {
         return Err(());
     }
     Ok(L3 {
         family: FAMILY_V6,
-        l4_off: l2.l3_off + IPV6_HLEN,
+        l4_off: (l2.l3_off() + IPV6_HLEN) as u8,
         proto: IPPROTO_IPV6,
         src: ip.saddr,
         dst: ip.daddr,

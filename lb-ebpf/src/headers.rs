@@ -94,3 +94,28 @@ pub const IPV4_HLEN: usize = core::mem::size_of::<Ipv4Hdr>();
 pub const IPV6_HLEN: usize = core::mem::size_of::<Ipv6Hdr>();
 pub const TCP_HLEN: usize = core::mem::size_of::<TcpHdr>();
 pub const UDP_HLEN: usize = core::mem::size_of::<UdpHdr>();
+
+/// ICMP and ICMPv6 share this 8-byte header layout (type, code, checksum, 4 more bytes).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IcmpHdr {
+    pub kind: u8,
+    pub code: u8,
+    pub check: u16,
+    pub rest: u32,
+}
+
+pub const ICMP_HLEN: usize = core::mem::size_of::<IcmpHdr>();
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// TTL / hop limit of packets the balancer answers itself.
+pub const REPLY_TTL: u8 = 64;

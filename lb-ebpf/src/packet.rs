@@ -2,7 +2,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
-use lb_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, Reason};
+use lb_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
 use crate::headers::*;
 
@@ -18,12 +18,32 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 }
 
 /// Where the L3 header starts and which EtherType it has, after at most one 802.1Q tag.
+///
+/// Offsets are kept as `u8`: when a struct like this is read back from the stack (passed to a
+/// function that is not inlined), a one-byte load is still bounded for the verifier, where a
+/// wider one may not be.
 #[derive(Clone, Copy)]
 pub struct L2 {
-    pub l3_off: usize,
+    l3_off: u8,
     /// Host order.
     pub ether_type: u16,
     pub vlan: bool,
+}
+
+impl L2 {
+    #[inline(always)]
+    pub const fn new(l3_off: usize, ether_type: u16, vlan: bool) -> Self {
+        L2 {
+            l3_off: l3_off as u8,
+            ether_type,
+            vlan,
+        }
+    }
+
+    #[inline(always)]
+    pub const fn l3_off(&self) -> usize {
+        self.l3_off as usize
+    }
 }
 
 #[inline(always)]
@@ -31,25 +51,22 @@ pub fn parse_l2(ctx: &XdpContext) -> Result<L2, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassTruncated)?;
     let ether_type = u16::from_be(unsafe { (*eth).ether_type });
     if ether_type != ETH_P_8021Q {
-        return Ok(L2 {
-            l3_off: ETH_HLEN,
-            ether_type,
-            vlan: false,
-        });
+        return Ok(L2::new(ETH_HLEN, ether_type, false));
     }
     let vlan: *const VlanHdr = ptr_at(ctx, ETH_HLEN).ok_or(Reason::PassTruncated)?;
-    Ok(L2 {
-        l3_off: ETH_HLEN + VLAN_HLEN,
-        ether_type: u16::from_be(unsafe { (*vlan).ether_type }),
-        vlan: true,
-    })
+    Ok(L2::new(
+        ETH_HLEN + VLAN_HLEN,
+        u16::from_be(unsafe { (*vlan).ether_type }),
+        true,
+    ))
 }
 
 /// The L3 facts of an IPv4 or IPv6 packet the fast path accepts.
 #[derive(Clone, Copy)]
 pub struct L3 {
     pub family: u8,
-    pub l4_off: usize,
+    /// See [`L2`] for why `u8`.
+    pub l4_off: u8,
     pub proto: u8,
     pub src: Addr,
     pub dst: Addr,
@@ -57,14 +74,14 @@ pub struct L3 {
     pub ip_len: usize,
 }
 
-/// Parses the IP header at `l2.l3_off`. IPv4 with options, fragments and IPv6 extension
-/// headers are not for the fast path.
+/// Parses the IP header at `l2.l3_off()`. IPv4 with options, fragments and IPv6 extension
+/// headers are not for the fast path (IPv6 carrying anything but TCP, UDP or ICMPv6 neither).
 #[inline(always)]
 pub fn parse_l3(ctx: &XdpContext, l2: &L2) -> Result<L3, Reason> {
     let available = ctx.data_end() - ctx.data();
     match l2.ether_type {
         ETH_P_IP => {
-            let ip: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(Reason::PassTruncated)?;
+            let ip: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off()).ok_or(Reason::PassTruncated)?;
             let ip = unsafe { &*ip };
             if ip.version_ihl != IPV4_VERSION_IHL {
                 return Err(if ip.version_ihl >> 4 == 4 && ip.version_ihl & 0xf > 5 {
@@ -77,12 +94,12 @@ pub fn parse_l3(ctx: &XdpContext, l2: &L2) -> Result<L3, Reason> {
                 return Err(Reason::PassFragment);
             }
             let ip_len = u16::from_be(ip.tot_len) as usize;
-            if ip_len < IPV4_HLEN || l2.l3_off + ip_len > available {
+            if ip_len < IPV4_HLEN || l2.l3_off() + ip_len > available {
                 return Err(Reason::PassTruncated);
             }
             Ok(L3 {
                 family: FAMILY_V4,
-                l4_off: l2.l3_off + IPV4_HLEN,
+                l4_off: (l2.l3_off() + IPV4_HLEN) as u8,
                 proto: ip.protocol,
                 src: [ip.saddr, 0, 0, 0],
                 dst: [ip.daddr, 0, 0, 0],
@@ -90,17 +107,17 @@ pub fn parse_l3(ctx: &XdpContext, l2: &L2) -> Result<L3, Reason> {
             })
         }
         ETH_P_IPV6 => {
-            let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(Reason::PassTruncated)?;
+            let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off()).ok_or(Reason::PassTruncated)?;
             let ip = unsafe { &*ip };
             if u32::from_be(ip.version_tc_flow) >> 28 != 6 {
                 return Err(Reason::PassTruncated);
             }
             let ip_len = IPV6_HLEN + u16::from_be(ip.payload_len) as usize;
-            if l2.l3_off + ip_len > available {
+            if l2.l3_off() + ip_len > available {
                 return Err(Reason::PassTruncated);
             }
             let proto = ip.next_header;
-            if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+            if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMPV6 {
                 return Err(if proto == IPPROTO_FRAGMENT {
                     Reason::PassFragment
                 } else {
@@ -109,7 +126,7 @@ pub fn parse_l3(ctx: &XdpContext, l2: &L2) -> Result<L3, Reason> {
             }
             Ok(L3 {
                 family: FAMILY_V6,
-                l4_off: l2.l3_off + IPV6_HLEN,
+                l4_off: (l2.l3_off() + IPV6_HLEN) as u8,
                 proto,
                 src: ip.saddr,
                 dst: ip.daddr,
@@ -120,7 +137,14 @@ pub fn parse_l3(ctx: &XdpContext, l2: &L2) -> Result<L3, Reason> {
     }
 }
 
-/// Ports (network order) and TCP flags of a TCP or UDP header at `l3.l4_off`.
+impl L3 {
+    #[inline(always)]
+    pub const fn l4_off(&self) -> usize {
+        self.l4_off as usize
+    }
+}
+
+/// Ports (network order) and TCP flags of a TCP or UDP header at `l3.l4_off()`.
 #[derive(Clone, Copy)]
 pub struct L4 {
     pub src_port: u16,
@@ -133,7 +157,7 @@ pub struct L4 {
 pub fn parse_l4(ctx: &XdpContext, l3: &L3) -> Result<L4, Reason> {
     match l3.proto {
         IPPROTO_TCP => {
-            let tcp: *const TcpHdr = ptr_at(ctx, l3.l4_off).ok_or(Reason::PassTruncated)?;
+            let tcp: *const TcpHdr = ptr_at(ctx, l3.l4_off()).ok_or(Reason::PassTruncated)?;
             let tcp = unsafe { &*tcp };
             Ok(L4 {
                 src_port: tcp.source,
@@ -142,7 +166,7 @@ pub fn parse_l4(ctx: &XdpContext, l3: &L3) -> Result<L4, Reason> {
             })
         }
         IPPROTO_UDP => {
-            let udp: *const UdpHdr = ptr_at(ctx, l3.l4_off).ok_or(Reason::PassTruncated)?;
+            let udp: *const UdpHdr = ptr_at(ctx, l3.l4_off()).ok_or(Reason::PassTruncated)?;
             let udp = unsafe { &*udp };
             Ok(L4 {
                 src_port: udp.source,
@@ -152,4 +176,12 @@ pub fn parse_l4(ctx: &XdpContext, l3: &L3) -> Result<L4, Reason> {
         }
         _ => Err(Reason::PassNotTcpUdp),
     }
+}
+
+/// The parsed headers of a TCP/UDP packet, passed by reference between the program's parts.
+#[derive(Clone, Copy)]
+pub struct Headers {
+    pub l2: L2,
+    pub l3: L3,
+    pub l4: L4,
 }

@@ -15,13 +15,15 @@ use lb_common::{Addr, FAMILY_V4, Reason};
 
 use crate::{headers::EthHdr, packet::ptr_at};
 
-/// The answer of a FIB lookup the caller still has to act on.
-pub enum Route {
-    /// Resolved: the MACs to write and the interface to leave by.
-    Resolved(NextHop),
-    /// Routable, but the neighbour is not resolved yet (the kernel resolves it if the
-    /// packet is passed to it).
-    NoNeighbour,
+/// The answer of a FIB lookup the caller still has to act on. A struct rather than an enum
+/// whose no-neighbour variant has no next hop: every field is always initialised, because the
+/// verifier rejects code that copies uninitialised data around.
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub hop: NextHop,
+    /// False: routable, but the neighbour is not resolved yet (the kernel resolves it if the
+    /// packet is passed to it); `hop` is then not usable.
+    pub resolved: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -35,15 +37,20 @@ pub struct NextHop {
 
 /// Looks up the route of a packet `src -> dst` of `tot_len` bytes (IP header included) that
 /// arrived on the context's interface. `tot_len` makes the kernel check the egress MTU.
+/// `params` is scratch space for the helper (a per-CPU map value: 64 bytes the program's
+/// stack cannot spare).
 #[inline(always)]
 pub fn lookup(
     ctx: &XdpContext,
+    params: *mut bpf_fib_lookup,
     family: u8,
-    src: &Addr,
-    dst: &Addr,
+    (src, dst): (&Addr, &Addr),
     tot_len: u16,
 ) -> Result<Route, Reason> {
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let params = unsafe {
+        core::ptr::write_bytes(params, 0, 1);
+        &mut *params
+    };
     params.family = family;
     params.ifindex = ctx.ingress_ifindex() as u32;
     params.__bindgen_anon_1.tot_len = tot_len;
@@ -57,32 +64,34 @@ pub fn lookup(
     let ret = unsafe {
         fib_lookup_helper(
             ctx.ctx as *mut _,
-            &mut params,
+            params,
             size_of::<bpf_fib_lookup>() as i32,
             0,
         )
     };
-    match ret as u32 {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            // The kernel overwrites the destination with the next hop's address.
-            let on_link = unsafe {
-                if family == FAMILY_V4 {
-                    params.__bindgen_anon_4.ipv4_dst == dst[0]
-                } else {
-                    params.__bindgen_anon_4.ipv6_dst == *dst
-                }
-            };
-            Ok(Route::Resolved(NextHop {
-                ifindex: params.ifindex,
-                src_mac: params.smac,
-                dst_mac: params.dmac,
-                on_link,
-            }))
+    let resolved = match ret as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Reason::DropMtu),
+        _ => return Err(Reason::DropNoRoute),
+    };
+    // On success the kernel has overwritten the destination with the next hop's address.
+    let on_link = unsafe {
+        if family == FAMILY_V4 {
+            params.__bindgen_anon_4.ipv4_dst == dst[0]
+        } else {
+            params.__bindgen_anon_4.ipv6_dst == *dst
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => Ok(Route::NoNeighbour),
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(Reason::DropMtu),
-        _ => Err(Reason::DropNoRoute),
-    }
+    };
+    Ok(Route {
+        hop: NextHop {
+            ifindex: params.ifindex,
+            src_mac: params.smac,
+            dst_mac: params.dmac,
+            on_link,
+        },
+        resolved,
+    })
 }
 
 /// Writes the next hop's MACs into the frame and sends it on its way.

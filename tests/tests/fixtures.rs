@@ -589,7 +589,7 @@ fn traffic_that_is_not_for_a_vip_passes_unchanged() {
         cases.push(("IPv4 options", options, Reason::PassIpOptions));
         let mut icmp = vip_syn.clone();
         icmp[14 + 9] = 1;
-        cases.push(("ICMP to a VIP", icmp, Reason::PassNotTcpUdp));
+        cases.push(("ICMP error quoting garbage", icmp, Reason::PassIcmpUnknown));
         let mut bogus_length = vip_syn.clone();
         bogus_length[14 + 2..14 + 4].copy_from_slice(&2000u16.to_be_bytes());
         cases.push((

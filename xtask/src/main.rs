@@ -110,7 +110,9 @@ fn test(test_args: &[String]) -> Result<()> {
             ("build lb (compiles and embeds the eBPF object)", &|| {
                 build_lb(false)
             }),
-            ("cargo test (unit, packet fixtures, namespaces)", &|| cargo_test(test_args)),
+            ("cargo test (unit, packet fixtures, namespaces)", &|| {
+                cargo_test(test_args)
+            }),
         ],
     )
 }

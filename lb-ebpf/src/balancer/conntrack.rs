@@ -1,20 +1,27 @@
 //! Which backend a packet goes to: the connection table first, the VIP's Maglev table for
-//! new flows. A TCP SYN always re-selects (a new connection on a reused 5-tuple follows the
-//! current table, as in Katran); a flow pinned to a backend that is down or gone, or a UDP
-//! flow idle longer than the UDP timeout, is re-selected and re-pinned.
+//! new flows. A TCP SYN re-selects (a new connection on a reused 5-tuple follows the current
+//! table, as in Katran), except in NAT mode while the flow is open: there a SYN on a known
+//! flow is a retransmission and must keep its backend and source port. A flow pinned to a
+//! backend that is down or gone, a UDP flow idle longer than the UDP timeout, and a closed
+//! NAT flow past its closing timeout are re-selected and re-pinned.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
-    Backend, FLOW_TOUCH_INTERVAL_NS, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, Reason, VipInfo,
-    backend_state, maglev_slot,
+    Backend, FLOW_CLOSING, FLOW_TOUCH_INTERVAL_NS, Flow, ForwardingMode, IPPROTO_TCP, IPPROTO_UDP,
+    Reason, Settings, TCP_CLOSING_TIMEOUT_NS, VipInfo, backend_state, maglev_slot,
 };
 use lb_ebpf::headers::{TCP_ACK, TCP_SYN};
 
-use crate::maps::{BACKENDS, CONNTRACK, SETTINGS, TABLES};
+use crate::{
+    maps::{BACKENDS, CONNTRACK, Scratch, TABLES},
+    nat,
+};
 
 pub struct Selection {
     pub id: u32,
     pub backend: Backend,
+    /// NAT: the flow's source port (network order).
+    pub snat_port: u16,
     /// The flow was (re-)pinned by this packet.
     pub new_flow: bool,
 }
@@ -29,33 +36,58 @@ fn backend(id: u32) -> Option<Backend> {
 }
 
 #[inline(always)]
-pub fn select(key: &FlowKey, hash: u32, vip: &VipInfo, tcp_flags: u8) -> Result<Selection, Reason> {
+pub fn select(
+    settings: &Settings,
+    scratch: &mut Scratch,
+    hash: u32,
+    vip: &VipInfo,
+    tcp_flags: u8,
+) -> Result<Selection, Reason> {
+    let key = &scratch.flow;
+    let nat = vip.mode == ForwardingMode::Nat as u8;
     let is_syn = key.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let is_udp = key.proto == IPPROTO_UDP;
-    let now = if is_udp {
+    let now = if is_udp || nat {
         unsafe { bpf_ktime_get_ns() }
     } else {
         0
     };
-    if !is_syn {
-        if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
-            let flow = unsafe { &mut *flow };
-            if let Some(backend) = backend(flow.backend) {
-                let idle = now.saturating_sub(flow.last_seen_ns);
-                let udp_timeout = SETTINGS.get(0).map_or(0, |s| s.udp_timeout_ns);
-                if !is_udp || idle < udp_timeout {
-                    if idle > FLOW_TOUCH_INTERVAL_NS {
-                        flow.last_seen_ns = now;
-                    }
-                    return Ok(Selection {
-                        id: flow.backend,
-                        backend,
-                        new_flow: false,
-                    });
+    if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
+        let flow = unsafe { &mut *flow };
+        let idle = now.saturating_sub(flow.last_seen_ns);
+        let closed = flow.flags & FLOW_CLOSING != 0;
+        let reselect = if nat {
+            closed && (is_syn || idle > TCP_CLOSING_TIMEOUT_NS)
+        } else {
+            is_syn
+        };
+        let timed_out = is_udp && idle >= settings.udp_timeout_ns;
+        if let (Some(backend), false, false) = (backend(flow.backend), reselect, timed_out) {
+            if nat {
+                let touched = flow.last_seen_ns;
+                nat::touch(&mut flow.flags, &mut flow.last_seen_ns, tcp_flags, now);
+                if flow.last_seen_ns != touched {
+                    scratch.reverse_key = nat::reverse_key(
+                        key,
+                        &backend.addr,
+                        vip.backend_port,
+                        &vip.snat_addr,
+                        flow.snat_port,
+                    );
+                    nat::touch_reverse(&scratch.reverse_key, tcp_flags, now);
                 }
+            } else if idle > FLOW_TOUCH_INTERVAL_NS {
+                flow.last_seen_ns = now;
             }
+            return Ok(Selection {
+                id: flow.backend,
+                backend,
+                snat_port: flow.snat_port,
+                new_flow: false,
+            });
         }
     }
+
     let table = TABLES.get(vip.table_index()).ok_or(Reason::DropNoBackend)?;
     // The compiler turns `% MAGLEV_TABLE_SIZE` into a multiply-shift whose range the verifier
     // cannot follow; a volatile read hides the value from the compiler so the bound check
@@ -64,19 +96,32 @@ pub fn select(key: &FlowKey, hash: u32, vip: &VipInfo, tcp_flags: u8) -> Result<
     let slot = unsafe { core::ptr::read_volatile(&slot) } as usize;
     let id = *table.backends.get(slot).ok_or(Reason::DropNoBackend)?;
     let backend = backend(id).ok_or(Reason::DropNoBackend)?;
+    let snat_port = if nat {
+        let new = nat::NewFlow {
+            hash,
+            backend: &backend.addr,
+            backend_port: vip.backend_port,
+            snat: &vip.snat_addr,
+            now,
+        };
+        nat::allocate(settings, scratch, &new)?
+    } else {
+        0
+    };
     let flow = Flow {
         backend: id,
-        snat_port: 0,
+        snat_port,
         flags: 0,
         _pad: 0,
         last_seen_ns: now,
     };
     // A failed insert (table full of entries being updated concurrently) still forwards: the
     // next packet re-selects the same backend from the same table.
-    let _ = CONNTRACK.insert(key, &flow, 0);
+    let _ = CONNTRACK.insert(&scratch.flow, &flow, 0);
     Ok(Selection {
         id,
         backend,
+        snat_port,
         new_flow: true,
     })
 }

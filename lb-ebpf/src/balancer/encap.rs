@@ -57,11 +57,11 @@ pub fn push(ctx: &XdpContext, l2: &L2, l3: &L3, tunnel: &Tunnel) -> Result<(), R
     let extra = outer_len(l3.family, gue);
     // Read what the outer header copies from the inner one before the frame moves.
     let (tos, dont_fragment, flow_class) = if l3.family == FAMILY_V4 {
-        let ip: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(Reason::DropInternal)?;
+        let ip: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off()).ok_or(Reason::DropInternal)?;
         let ip = unsafe { &*ip };
         (ip.tos, u16::from_be(ip.frag_off) & IP_DF, 0)
     } else {
-        let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(Reason::DropInternal)?;
+        let ip: *const Ipv6Hdr = ptr_at(ctx, l2.l3_off()).ok_or(Reason::DropInternal)?;
         (
             0,
             0,
@@ -107,7 +107,7 @@ pub fn push(ctx: &XdpContext, l2: &L2, l3: &L3, tunnel: &Tunnel) -> Result<(), R
     let inner_len = l3.ip_len;
     let ip_payload = if gue { inner_len + UDP_HLEN } else { inner_len };
     let l4_off = if l3.family == FAMILY_V4 {
-        let ip: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(Reason::DropInternal)?;
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off()).ok_or(Reason::DropInternal)?;
         let ip = unsafe { &mut *ip };
         ip.version_ihl = IPV4_VERSION_IHL;
         ip.tos = tos;
@@ -120,9 +120,9 @@ pub fn push(ctx: &XdpContext, l2: &L2, l3: &L3, tunnel: &Tunnel) -> Result<(), R
         ip.saddr = tunnel.src[0];
         ip.daddr = tunnel.dst[0];
         ip.check = csum::ipv4_header(ip);
-        l2.l3_off + IPV4_HLEN
+        l2.l3_off() + IPV4_HLEN
     } else {
-        let ip: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off).ok_or(Reason::DropInternal)?;
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off()).ok_or(Reason::DropInternal)?;
         let ip = unsafe { &mut *ip };
         ip.version_tc_flow = (0x6000_0000 | flow_class | (tunnel.hash & 0x000f_ffff)).to_be();
         ip.payload_len = (ip_payload as u16).to_be();
@@ -130,7 +130,7 @@ pub fn push(ctx: &XdpContext, l2: &L2, l3: &L3, tunnel: &Tunnel) -> Result<(), R
         ip.hop_limit = ENCAP_TTL;
         ip.saddr = *tunnel.src;
         ip.daddr = *tunnel.dst;
-        l2.l3_off + IPV6_HLEN
+        l2.l3_off() + IPV6_HLEN
     };
 
     if let Some(port) = tunnel.gue_port {

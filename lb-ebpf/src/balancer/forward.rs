@@ -1,45 +1,85 @@
 //! Sends a packet whose backend is chosen on its way, according to the VIP's forwarding mode.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Backend, ForwardingMode, Reason, VipInfo};
+use lb_common::{Addr, ForwardingMode, Reason, Settings, VipInfo};
 use lb_ebpf::{
-    packet::{L2, L3},
+    packet::Headers,
     route::{self, Route},
 };
 
 use crate::{
+    conntrack::Selection,
     encap::{self, Tunnel},
-    maps::SETTINGS,
+    maps::FIB_SCRATCH,
+    nat::{self, Tuple},
+    verdict::Verdict,
 };
+
+/// The route to `dst` (see `route::lookup`), with the per-CPU scratch space the helper needs.
+#[inline(always)]
+pub fn route_to(
+    ctx: &XdpContext,
+    family: u8,
+    src: &Addr,
+    dst: &Addr,
+    tot_len: u16,
+) -> Result<Route, Reason> {
+    let params = FIB_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
+    route::lookup(ctx, params, family, (src, dst), tot_len)
+}
+
+/// Transmits a rewritten packet, or passes it to the kernel to forward when the neighbour is
+/// not resolved yet (the kernel resolves it; later packets take the fast path).
+#[inline(always)]
+pub fn finish(ctx: &XdpContext, route: Route) -> Result<(u32, Reason), Reason> {
+    if route.resolved {
+        route::transmit(ctx, &route.hop)
+    } else {
+        Ok((xdp_action::XDP_PASS, Reason::PassNoNeighbour))
+    }
+}
 
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
-    l2: &L2,
-    l3: &L3,
+    settings: &Settings,
+    headers: &Headers,
     vip: &VipInfo,
-    backend: &Backend,
+    selection: &Selection,
     hash: u32,
 ) -> Result<(u32, Reason), Reason> {
+    let Headers { l2, l3, l4 } = headers;
+    let backend = &selection.backend;
     if backend.family != l3.family {
         return Err(Reason::DropNoRoute);
     }
     match ForwardingMode::from_u8(vip.mode) {
+        Some(ForwardingMode::Nat) => {
+            let new = Tuple {
+                src: vip.snat_addr,
+                dst: backend.addr,
+                src_port: selection.snat_port,
+                dst_port: vip.backend_port,
+            };
+            let route = route_to(ctx, l3.family, &new.src, &new.dst, l3.ip_len as u16)?;
+            nat::rewrite(ctx, l2.l3_off(), l3, &Tuple::of(l3, l4), &new)?;
+            finish(ctx, route)
+        }
         // LVS-DR: the IP packet is unchanged, only the frame is addressed to the backend, which
         // must therefore be on-link.
         Some(ForwardingMode::L2) => {
-            match route::lookup(ctx, l3.family, &l3.src, &backend.addr, l3.ip_len as u16)? {
-                Route::Resolved(hop) if hop.on_link => route::transmit(ctx, &hop),
-                Route::Resolved(_) => Err(Reason::DropNoRoute),
-                Route::NoNeighbour => Err(Reason::DropNoNeighbour),
+            let route = route_to(ctx, l3.family, &l3.src, &backend.addr, l3.ip_len as u16)?;
+            match (route.resolved, route.hop.on_link) {
+                (true, true) => route::transmit(ctx, &route.hop),
+                (true, false) => Err(Reason::DropNoRoute),
+                (false, _) => Err(Reason::DropNoNeighbour),
             }
         }
         Some(mode @ (ForwardingMode::Ipip | ForwardingMode::Gue)) => {
             let gue_port = (mode == ForwardingMode::Gue).then_some(vip.encap_port);
-            let settings = SETTINGS.get(0).ok_or(Reason::DropInternal)?;
             let src = encap::outer_source(settings, l3.family, hash);
             let outer_len = l3.ip_len + encap::outer_len(l3.family, gue_port.is_some());
-            let route = route::lookup(ctx, l3.family, &src, &backend.addr, outer_len as u16)?;
+            let route = route_to(ctx, l3.family, &src, &backend.addr, outer_len as u16)?;
             let tunnel = Tunnel {
                 src: &src,
                 dst: &backend.addr,
@@ -47,13 +87,28 @@ pub fn forward(
                 hash,
             };
             encap::push(ctx, l2, l3, &tunnel)?;
-            match route {
-                Route::Resolved(hop) => route::transmit(ctx, &hop),
-                // The kernel forwards the encapsulated packet and resolves the neighbour.
-                Route::NoNeighbour => Ok((xdp_action::XDP_PASS, Reason::PassNoNeighbour)),
-            }
+            finish(ctx, route)
         }
-        // Full NAT is not in this data plane yet; the control plane refuses such VIPs.
-        Some(ForwardingMode::Nat) | None => Err(Reason::DropInternal),
+        None => Err(Reason::DropInternal),
     }
+}
+
+/// A backend's reply to a NAT flow, turned back into VIP -> client. Not inlined (see
+/// `to_vip`).
+#[inline(never)]
+pub fn reply(ctx: &XdpContext, settings: &Settings, headers: &Headers) -> Verdict {
+    Verdict::of(reply_to_client(ctx, settings, headers))
+}
+
+#[inline(always)]
+fn reply_to_client(
+    ctx: &XdpContext,
+    settings: &Settings,
+    headers: &Headers,
+) -> Result<(u32, Reason), Reason> {
+    let Headers { l2, l3, l4 } = headers;
+    let new = nat::reply_tuple(settings, l3, l4)?;
+    let route = route_to(ctx, l3.family, &new.src, &new.dst, l3.ip_len as u16)?;
+    nat::rewrite(ctx, l2.l3_off(), l3, &Tuple::of(l3, l4), &new)?;
+    finish(ctx, route)
 }

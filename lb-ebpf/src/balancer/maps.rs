@@ -1,18 +1,21 @@
 //! Every map of the balancer, sized from `lb-common` constants. Userspace may resize the
-//! connection table at load time (`conntrack_entries`).
+//! connection and NAT tables at load time (`conntrack_entries`).
 
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, DEFAULT_CONNTRACK_ENTRIES, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, MaglevTable,
-    REASON_COUNT, Settings, TABLE_SLOTS_PER_VIP, TrafficCounters, VipInfo, VipKey,
+    NatReverse, REASON_COUNT, Settings, TABLE_SLOTS_PER_VIP, TrafficCounters, VIP_MAP_ENTRIES,
+    VipInfo, VipKey,
 };
+use lb_ebpf::packet::Headers;
 
 /// Services: (address, port, protocol) -> id, live table slot and forwarding mode.
 #[map]
-pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+pub static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(VIP_MAP_ENTRIES, 0);
 
 /// Two Maglev tables per VIP (see `VipInfo::table_slot`), each one map value.
 #[map]
@@ -26,6 +29,30 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// NAT replies: backend -> SNAT address:port 5-tuple -> the client and VIP to restore.
+/// Sized like the connection table at load time.
+#[map]
+pub static NAT_REVERSE: LruHashMap<FlowKey, NatReverse> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Per-packet working memory that does not fit the 512-byte stack of a BPF call chain: the
+/// parsed headers, the keys built from them, and the NAT entry being written.
+#[derive(Clone, Copy)]
+pub struct Scratch {
+    pub headers: Headers,
+    pub vip_key: VipKey,
+    pub flow: FlowKey,
+    pub reverse_key: FlowKey,
+    pub reverse: NatReverse,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Scratch space for `bpf_fib_lookup`'s 64-byte parameter block, kept off the stack.
+#[map]
+pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

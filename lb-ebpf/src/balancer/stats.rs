@@ -1,13 +1,13 @@
 //! Per-CPU counters: no atomics, userspace sums the CPUs.
 
 use aya_ebpf::maps::PerCpuArray;
-use lb_common::{Reason, TrafficCounters};
+use lb_common::TrafficCounters;
 
 use crate::maps::REASONS;
 
 #[inline(always)]
-pub fn count_reason(reason: Reason) {
-    if let Some(counter) = REASONS.get_ptr_mut(reason as u32) {
+pub fn count_reason(reason: u32) {
+    if let Some(counter) = REASONS.get_ptr_mut(reason) {
         unsafe { *counter += 1 };
     }
 }

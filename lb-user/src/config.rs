@@ -24,6 +24,9 @@ const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_nanos(lb_common::UDP_FLOW_T
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_CONNTRACK_ENTRIES: u32 = 1024;
 const MAX_WEIGHT: u32 = 1000;
+const DEFAULT_SNAT_PORTS: &str = "40000-59999";
+/// NAT ports below this would collide with well-known services.
+const MIN_SNAT_PORT: u16 = 1024;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -40,6 +43,50 @@ pub struct Dataplane {
     pub encap_source_v4: Ipv4Net,
     pub encap_source_v6: Ipv6Net,
     pub udp_timeout: Duration,
+    /// NAT source ports (inclusive); must not overlap the host's ephemeral ports.
+    pub snat_ports: PortRange,
+}
+
+/// An inclusive range of ports, written "40000-59999".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.first <= other.last && other.first <= self.last
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (first, last) = text.split_once('-').ok_or("expected FIRST-LAST")?;
+        let port = |p: &str| {
+            p.trim()
+                .parse::<u16>()
+                .map_err(|_| format!("\"{p}\" is not a port"))
+        };
+        let range = PortRange {
+            first: port(first)?,
+            last: port(last)?,
+        };
+        if range.first < MIN_SNAT_PORT || range.first > range.last {
+            return Err(format!(
+                "expected {MIN_SNAT_PORT} <= FIRST <= LAST <= 65535"
+            ));
+        }
+        Ok(range)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -105,6 +152,10 @@ pub struct Vip {
     pub forwarding: Forwarding,
     /// GUE destination port (gue only).
     pub gue_port: u16,
+    /// The port backends listen on (nat only; the DSR modes keep the VIP port).
+    pub backend_port: u16,
+    /// The source address of NATed packets; `None`: the interface's primary address.
+    pub snat_address: Option<IpAddr>,
     pub backends: Vec<StaticBackend>,
     /// How long a removed backend keeps its established flows.
     pub drain_timeout: Duration,
@@ -156,6 +207,7 @@ struct RawDataplane {
     encap_source_v4: Option<Spanned<String>>,
     encap_source_v6: Option<Spanned<String>>,
     udp_timeout: Option<Spanned<String>>,
+    snat_ports: Option<Spanned<String>>,
 }
 
 fn default_xdp_mode() -> XdpMode {
@@ -176,6 +228,8 @@ struct RawVip {
     #[serde(default = "default_forwarding")]
     forwarding: Spanned<Forwarding>,
     gue_port: Option<Spanned<u16>>,
+    backend_port: Option<Spanned<u16>>,
+    snat_address: Option<Spanned<String>>,
     discovery: RawDiscovery,
     #[serde(default)]
     drain: RawDrain,
@@ -337,6 +391,15 @@ impl Checker<'_> {
         )?;
         let udp_timeout =
             self.duration(raw.udp_timeout.as_ref(), DEFAULT_UDP_TIMEOUT, "udp_timeout")?;
+        let snat_ports = match &raw.snat_ports {
+            None => DEFAULT_SNAT_PORTS.parse().expect("default range parses"),
+            Some(spanned) => spanned.get_ref().parse().map_err(|why| {
+                self.at(
+                    spanned,
+                    format!("snat_ports = \"{}\": {why}", spanned.get_ref()),
+                )
+            })?,
+        };
         Ok(Dataplane {
             interface: raw.interface.clone(),
             xdp_mode: raw.xdp_mode,
@@ -344,6 +407,7 @@ impl Checker<'_> {
             encap_source_v4,
             encap_source_v6,
             udp_timeout,
+            snat_ports,
         })
     }
 
@@ -427,12 +491,47 @@ impl Checker<'_> {
             ));
         }
         let forwarding = *raw.forwarding.get_ref();
-        if forwarding == Forwarding::Nat {
-            return Err(self.at(
-                &raw.forwarding,
-                format!("VIP \"{name}\": forwarding \"nat\" (the default) is not available in this version yet; choose ipip, gue or l2"),
-            ));
-        }
+        let nat_only = |what: &str, line: ConfigError| -> Result<Vip, ConfigError> {
+            Err(ConfigError {
+                message: format!(
+                    "VIP \"{name}\": {what} only applies to forwarding = \"nat\", not \"{}\"",
+                    forwarding.name()
+                ),
+                ..line
+            })
+        };
+        let backend_port = match &raw.backend_port {
+            Some(port) if forwarding != Forwarding::Nat => {
+                return nat_only("backend_port", self.at(port, String::new()));
+            }
+            Some(port) if *port.get_ref() == 0 => {
+                return Err(self.at(
+                    port,
+                    format!("VIP \"{name}\": backend_port must be between 1 and 65535"),
+                ));
+            }
+            Some(port) => *port.get_ref(),
+            None => raw.port,
+        };
+        let snat_address = match &raw.snat_address {
+            Some(spanned) if forwarding != Forwarding::Nat => {
+                return nat_only("snat_address", self.at(spanned, String::new()));
+            }
+            Some(spanned) => {
+                let text = spanned.get_ref();
+                let snat: IpAddr = text.parse().map_err(|_| {
+                    self.at(
+                        spanned,
+                        format!("VIP \"{name}\": snat_address \"{text}\" is not an IP address"),
+                    )
+                })?;
+                if snat.is_ipv4() != address.is_ipv4() || !is_unicast(snat) {
+                    return Err(self.at(spanned, format!("VIP \"{name}\": snat_address {snat} must be a unicast address of the VIP's family")));
+                }
+                Some(snat)
+            }
+            None => None,
+        };
         let gue_port = match &raw.gue_port {
             Some(port) if forwarding != Forwarding::Gue => {
                 return Err(self.at(
@@ -479,6 +578,8 @@ impl Checker<'_> {
             protocol: raw.protocol,
             forwarding,
             gue_port,
+            backend_port,
+            snat_address,
             backends,
             drain_timeout,
         })

@@ -252,8 +252,8 @@ pub fn settings_from_config(dataplane: &config::Dataplane) -> Settings {
         },
         _pad: 0,
         udp_timeout_ns: dataplane.udp_timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
-        snat_port_min: 0,
-        snat_port_max: 0,
+        snat_port_min: dataplane.snat_ports.first,
+        snat_port_max: dataplane.snat_ports.last,
         _pad2: 0,
     }
 }

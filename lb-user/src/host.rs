@@ -2,7 +2,6 @@
 //! Every change is logged, and the ones `lb backend` makes are undone on exit.
 
 use std::{
-    collections::HashSet,
     net::{IpAddr, SocketAddr, UdpSocket},
     path::PathBuf,
     process::Command,
@@ -10,6 +9,8 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use tracing::{info, warn};
+
+use crate::config::PortRange;
 
 /// A sysctl as a path under /proc/sys, e.g. `net.ipv4.ip_forward`.
 fn sysctl_path(name: &str) -> PathBuf {
@@ -77,20 +78,43 @@ pub fn enable_forwarding(interface: &str) -> Result<()> {
 
 /// Every address configured on this host's interfaces (in this network namespace).
 pub fn local_addresses() -> Result<Vec<IpAddr>> {
-    let mut addresses = HashSet::new();
+    addresses_where(|_| true)
+}
+
+/// The addresses of one interface, in the order the kernel lists them (primary first).
+pub fn interface_addresses(interface: &str) -> Result<Vec<IpAddr>> {
+    addresses_where(|name| name == interface)
+}
+
+fn addresses_where(interface: impl Fn(&str) -> bool) -> Result<Vec<IpAddr>> {
+    let mut addresses = Vec::new();
     for ifaddr in nix::ifaddrs::getifaddrs().context("cannot list the host's addresses")? {
+        if !interface(&ifaddr.interface_name) {
+            continue;
+        }
         let Some(address) = ifaddr.address else {
             continue;
         };
-        if let Some(v4) = address.as_sockaddr_in() {
-            addresses.insert(IpAddr::V4(v4.ip()));
-        } else if let Some(v6) = address.as_sockaddr_in6() {
-            addresses.insert(IpAddr::V6(v6.ip()));
+        let address = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+            (Some(v4), _) => IpAddr::V4(v4.ip()),
+            (_, Some(v6)) => IpAddr::V6(v6.ip()),
+            _ => continue,
+        };
+        if !addresses.contains(&address) {
+            addresses.push(address);
         }
     }
-    let mut addresses: Vec<IpAddr> = addresses.into_iter().collect();
-    addresses.sort();
     Ok(addresses)
+}
+
+/// The host's ephemeral port range (`net.ipv4.ip_local_port_range`, which IPv6 shares).
+pub fn ephemeral_ports() -> Result<PortRange> {
+    let text = read_sysctl("net.ipv4.ip_local_port_range")?;
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next()) {
+        (Some(Ok(first)), Some(Ok(last))) => Ok(PortRange { first, last }),
+        _ => bail!("cannot parse net.ipv4.ip_local_port_range = {text:?}"),
+    }
 }
 
 fn ip(args: &[&str]) -> Result<()> {

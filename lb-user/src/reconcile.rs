@@ -14,13 +14,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use lb_common::{
-    Backend, FAMILY_V4, FAMILY_V6, FlowKey, ForwardingMode, MAGLEV_TABLE_SIZE, MAX_BACKENDS,
-    MAX_VIPS, VipInfo, VipKey, addr_v4, addr_v6, backend_state, flow_hash, maglev_slot,
-    table_index,
+    Backend, FAMILY_V4, FAMILY_V6, FlowKey, ForwardingMode, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    MAGLEV_TABLE_SIZE, MAX_BACKENDS, MAX_VIPS, VipInfo, VipKey, addr_v4, addr_v6, backend_state,
+    flow_hash, maglev_slot, table_index,
 };
 
 use crate::{
-    config::Config,
+    config::{Config, Forwarding},
     maglev::{self, MaglevBackend},
 };
 
@@ -43,6 +43,10 @@ pub struct DesiredVip {
     pub mode: ForwardingMode,
     /// GUE port, host order.
     pub encap_port: u16,
+    /// NAT: the backends' port, host order.
+    pub backend_port: u16,
+    /// NAT: the source address of packets to the backends.
+    pub snat_address: Option<IpAddr>,
     pub backends: Vec<DesiredBackend>,
     pub drain_timeout: Duration,
 }
@@ -72,8 +76,12 @@ pub fn addr_of(address: IpAddr) -> (lb_common::Addr, u8) {
     }
 }
 
-/// The desired state a configuration file describes (static backends).
-pub fn desired_from_config(config: &Config) -> Vec<DesiredVip> {
+/// The desired state a configuration file describes (static backends). `default_snat` gives
+/// the SNAT address of a NAT VIP that names none (the interface's address of that family).
+pub fn desired_from_config(
+    config: &Config,
+    default_snat: impl Fn(IpAddr) -> Option<IpAddr>,
+) -> Vec<DesiredVip> {
     config
         .vips
         .iter()
@@ -82,6 +90,11 @@ pub fn desired_from_config(config: &Config) -> Vec<DesiredVip> {
             key: vip_key(vip.address, vip.port, vip.protocol.number()),
             mode: vip.forwarding.mode(),
             encap_port: vip.gue_port,
+            backend_port: vip.backend_port,
+            snat_address: match vip.forwarding {
+                Forwarding::Nat => vip.snat_address.or_else(|| default_snat(vip.address)),
+                _ => None,
+            },
             backends: vip
                 .backends
                 .iter()
@@ -93,6 +106,24 @@ pub fn desired_from_config(config: &Config) -> Vec<DesiredVip> {
             drain_timeout: vip.drain_timeout,
         })
         .collect()
+}
+
+/// The `mode` of echo entries: not a forwarding mode, so no packet is ever forwarded by one.
+const ECHO_MODE: u8 = 0xff;
+
+/// The VIP-map key that makes the balancer answer ICMP echo requests to a VIP's address.
+pub fn echo_key(vip: &VipKey) -> VipKey {
+    let proto = if vip.family == FAMILY_V4 {
+        IPPROTO_ICMP
+    } else {
+        IPPROTO_ICMPV6
+    };
+    VipKey {
+        addr: vip.addr,
+        port: 0,
+        proto,
+        family: vip.family,
+    }
 }
 
 /// Hands out ids, reusing a freed one only when no fresh id is left, and then the one freed
@@ -169,6 +200,8 @@ impl Changes {
 
 pub struct Reconciler {
     vips: BTreeMap<VipKey, VipState>,
+    /// ICMP echo entries written, by VIP address.
+    echo: BTreeMap<VipKey, VipInfo>,
     vip_ids: Ids,
     backend_ids: Ids,
 }
@@ -183,6 +216,7 @@ impl Reconciler {
     pub fn new() -> Self {
         Self {
             vips: BTreeMap::new(),
+            echo: BTreeMap::new(),
             vip_ids: Ids::new(0, MAX_VIPS),
             // Backend id 0 means "no backend" in the tables.
             backend_ids: Ids::new(1, MAX_BACKENDS),
@@ -238,7 +272,43 @@ impl Reconciler {
         for vip in desired {
             self.apply_vip(vip, maps, now, &mut changes)?;
         }
+        self.apply_echo(maps)?;
         Ok(changes)
+    }
+
+    /// One ICMP echo entry per VIP address, pointing at the first VIP of that address.
+    fn apply_echo(&mut self, maps: &mut impl MapWriter) -> Result<()> {
+        let mut wanted = BTreeMap::new();
+        for (key, state) in &self.vips {
+            // The data plane only checks that the entry exists; the VIP id is for humans.
+            let info = VipInfo {
+                id: state.info.id,
+                table_slot: 0,
+                mode: ECHO_MODE,
+                _pad: [0; 3],
+                encap_port: 0,
+                backend_port: 0,
+                snat_addr: [0; 4],
+            };
+            wanted.entry(echo_key(key)).or_insert(info);
+        }
+        let gone: Vec<VipKey> = self
+            .echo
+            .keys()
+            .filter(|key| !wanted.contains_key(key))
+            .copied()
+            .collect();
+        for key in gone {
+            maps.remove_vip(&key)?;
+            self.echo.remove(&key);
+        }
+        for (key, info) in wanted {
+            if self.echo.get(&key) != Some(&info) {
+                maps.write_vip(&key, &info)?;
+                self.echo.insert(key, info);
+            }
+        }
+        Ok(())
     }
 
     fn remove_vip(&mut self, key: &VipKey, maps: &mut impl MapWriter) -> Result<()> {
@@ -340,6 +410,10 @@ impl Reconciler {
         let mut info = state.info;
         info.mode = desired.mode as u8;
         info.encap_port = desired.encap_port.to_be();
+        info.backend_port = desired.backend_port.to_be();
+        info.snat_addr = desired
+            .snat_address
+            .map_or([0; 4], |address| addr_of(address).0);
         if table != state.table {
             let idle_slot = 1 - state.info.table_slot;
             maps.write_table(table_index(info.id, idle_slot), &table)?;
@@ -423,6 +497,9 @@ mod tests {
         Table(u32),
         Vip(u32, u32),
         RemoveVip,
+        /// The ICMP echo entry of a VIP address.
+        Echo,
+        RemoveEcho,
     }
 
     #[derive(Default)]
@@ -441,12 +518,20 @@ mod tests {
             self.tables.insert(index, table.to_vec());
             Ok(())
         }
-        fn write_vip(&mut self, _key: &VipKey, info: &VipInfo) -> Result<()> {
-            self.writes.push(Write::Vip(info.id, info.table_slot));
+        fn write_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+            self.writes.push(if key.proto == IPPROTO_ICMP {
+                Write::Echo
+            } else {
+                Write::Vip(info.id, info.table_slot)
+            });
             Ok(())
         }
-        fn remove_vip(&mut self, _key: &VipKey) -> Result<()> {
-            self.writes.push(Write::RemoveVip);
+        fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+            self.writes.push(if key.proto == IPPROTO_ICMP {
+                Write::RemoveEcho
+            } else {
+                Write::RemoveVip
+            });
             Ok(())
         }
     }
@@ -457,6 +542,8 @@ mod tests {
             key: vip_key("10.0.0.10".parse().unwrap(), 80, IPPROTO_TCP),
             mode: ForwardingMode::Ipip,
             encap_port: 6080,
+            backend_port: 80,
+            snat_address: None,
             backends: backends
                 .iter()
                 .map(|a| DesiredBackend {
@@ -486,7 +573,9 @@ mod tests {
                 Write::Backend(1, ACTIVE),
                 Write::Backend(2, ACTIVE),
                 Write::Table(0),
-                Write::Vip(0, 0)
+                Write::Vip(0, 0),
+                // Then the entry that answers pings to the VIP's address.
+                Write::Echo,
             ]
         );
         assert_eq!(changes.backends_added, 2);
@@ -601,7 +690,11 @@ mod tests {
         assert_eq!(changes.vips_removed, 1);
         assert_eq!(
             maps.writes,
-            vec![Write::RemoveVip, Write::Backend(1, UNUSED)]
+            vec![
+                Write::RemoveVip,
+                Write::Backend(1, UNUSED),
+                Write::RemoveEcho
+            ]
         );
         // A new VIP takes a fresh id, not the one just freed.
         reconciler

@@ -2,11 +2,13 @@
 //! the maps in line with the configuration (SIGHUP) and the drain timers until told to stop.
 
 use std::{
+    net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
+use lb_common::ForwardingMode;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -14,7 +16,7 @@ use crate::{
     config::{self, Config},
     dataplane::{Balancer, settings_from_config},
     host,
-    reconcile::{Changes, Reconciler, desired_from_config},
+    reconcile::{Changes, DesiredVip, Reconciler, desired_from_config},
 };
 
 /// How often drain timers are checked.
@@ -44,15 +46,57 @@ fn backend_addresses(config: &Config) -> Vec<std::net::IpAddr> {
         .collect()
 }
 
+/// The desired state of `config` on this host: NAT VIPs without a `snat_address` take the
+/// interface's first address of their family. Fails, before anything is touched, when NAT
+/// cannot work here.
+fn desired_state(config: &Config) -> Result<Vec<DesiredVip>> {
+    let interface = &config.dataplane.interface;
+    let addresses = host::interface_addresses(interface)?;
+    let default_snat = |vip: IpAddr| {
+        addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == vip.is_ipv4() && config::is_unicast(*a))
+    };
+    let desired = desired_from_config(config, default_snat);
+    let nat: Vec<&DesiredVip> = desired
+        .iter()
+        .filter(|vip| vip.mode == ForwardingMode::Nat)
+        .collect();
+    if let Some(vip) = nat.iter().find(|vip| vip.snat_address.is_none()) {
+        bail!(
+            "VIP \"{}\" uses nat but {interface} has no address of its family to use as source: set snat_address",
+            vip.name
+        );
+    }
+    if !nat.is_empty() {
+        let ephemeral = host::ephemeral_ports()?;
+        let snat = config.dataplane.snat_ports;
+        if snat.overlaps(&ephemeral) {
+            bail!(
+                "snat_ports {snat} overlaps the host's ephemeral ports {ephemeral} (net.ipv4.ip_local_port_range): \
+                 the host's own connections could be taken for NAT replies. Move one of them, e.g. \
+                 sysctl -w net.ipv4.ip_local_port_range=\"{} {}\" or snat_ports = \"{}-{}\"",
+                ephemeral.first,
+                snat.first.saturating_sub(1).max(ephemeral.first),
+                ephemeral.last.saturating_add(1),
+                u16::MAX
+            );
+        }
+    }
+    Ok(desired)
+}
+
 pub async fn run(config_path: &Path) -> Result<()> {
     let mut config = config::load(config_path)?;
+    let desired = desired_state(&config)?;
     let dataplane = &config.dataplane;
     host::enable_forwarding(&dataplane.interface)?;
 
     let mut balancer = Balancer::load(dataplane.conntrack_entries)?;
     balancer.write_settings(&settings_from_config(dataplane))?;
     let mut reconciler = Reconciler::new();
-    let changes = reconciler.apply(&desired_from_config(&config), &mut balancer, Instant::now())?;
+    let changes = reconciler.apply(&desired, &mut balancer, Instant::now())?;
     log_changes("maps filled", &changes);
     host::prime_neighbours(backend_addresses(&config));
     balancer.attach(&dataplane.interface, dataplane.xdp_mode)?;
@@ -101,7 +145,7 @@ fn reload(
     if new.dataplane != running.dataplane {
         warn!("[dataplane] settings changed; they take effect when lb restarts");
     }
-    let changes = reconciler.apply(&desired_from_config(&new), balancer, Instant::now())?;
+    let changes = reconciler.apply(&desired_state(&new)?, balancer, Instant::now())?;
     host::prime_neighbours(backend_addresses(&new));
     log_changes("maps updated", &changes);
     info!(vips = new.vips.len(), "config reloaded");

@@ -30,6 +30,8 @@ const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const NIC: &str = "fx0";
+/// NAT VIPs listen on their service port; their backends on this one.
+const NAT_BACKEND_PORT: u16 = 8080;
 const CLIENT4: &str = "192.0.2.1";
 const CLIENT6: &str = "2001:db8::1";
 /// Backends 10.1.0.2..=20 / fd00:1::2..=20 have neighbour entries; the first three serve.
@@ -129,6 +131,15 @@ fn desired(service: &Service, backends: &[String]) -> DesiredVip {
         ),
         mode: service.forwarding.mode(),
         encap_port: lab::GUE_PORT,
+        backend_port: NAT_BACKEND_PORT,
+        // The fixture namespace's own address on the NIC.
+        snat_address: match service.forwarding {
+            config::Forwarding::Nat if service.address.contains(':') => {
+                Some("fd00:1::1".parse().unwrap())
+            }
+            config::Forwarding::Nat => Some("10.1.0.1".parse().unwrap()),
+            _ => None,
+        },
         backends: backends
             .iter()
             .map(|a| DesiredBackend {

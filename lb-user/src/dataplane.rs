@@ -11,7 +11,7 @@ use aya::{
 };
 use lb_common::{
     Backend, DECAP_REASON_COUNT, DecapKey, DecapReason, DecapSettings, Flow, FlowKey,
-    MAGLEV_TABLE_SIZE, MaglevTable, Reason, Settings, TrafficCounters, VipInfo, VipKey,
+    MAGLEV_TABLE_SIZE, MaglevTable, NatReverse, Reason, Settings, TrafficCounters, VipInfo, VipKey,
 };
 
 use crate::{config, reconcile::MapWriter};
@@ -123,6 +123,7 @@ pub struct Balancer {
     tables: Array<MapData, MaglevTable>,
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, Flow>,
+    nat_reverse: HashMap<MapData, FlowKey, NatReverse>,
     settings: Array<MapData, Settings>,
     reasons: PerCpuArray<MapData, u64>,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
@@ -136,6 +137,7 @@ impl Balancer {
     pub fn load(conntrack_entries: u32) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("CONNTRACK", conntrack_entries)
+            .map_max_entries("NAT_REVERSE", conntrack_entries)
             .load(BALANCER_OBJECT)
             .context("cannot load the balancer object (are you root, with BPF support?)")?;
         load_xdp(&mut ebpf, BALANCER_PROGRAM)?;
@@ -144,6 +146,7 @@ impl Balancer {
             tables: take_map(&mut ebpf, "TABLES")?,
             backends: take_map(&mut ebpf, "BACKENDS")?,
             conntrack: take_map(&mut ebpf, "CONNTRACK")?,
+            nat_reverse: take_map(&mut ebpf, "NAT_REVERSE")?,
             settings: take_map(&mut ebpf, "SETTINGS")?,
             reasons: take_map(&mut ebpf, "REASONS")?,
             vip_stats: take_map(&mut ebpf, "VIP_STATS")?,
@@ -180,6 +183,16 @@ impl Balancer {
 
     pub fn flow(&self, key: &FlowKey) -> Option<Flow> {
         self.conntrack.get(key, 0).ok()
+    }
+
+    /// The NAT reverse entry of a reply 5-tuple (backend -> SNAT address:port).
+    pub fn nat_reverse(&self, key: &FlowKey) -> Option<NatReverse> {
+        self.nat_reverse.get(key, 0).ok()
+    }
+
+    /// Number of NAT entries (walks the map: for status, not the hot loop).
+    pub fn nat_count(&self) -> usize {
+        self.nat_reverse.keys().filter(Result::is_ok).count()
     }
 
     /// Number of flows in the connection table (walks it: for status, not the hot loop).

@@ -112,6 +112,34 @@ const SERVICES: &[Service] = &[
         protocol: config::Protocol::Tcp,
         forwarding: config::Forwarding::L2,
     },
+    Service {
+        name: "nat4",
+        address: "10.0.0.20",
+        port: 80,
+        protocol: config::Protocol::Tcp,
+        forwarding: config::Forwarding::Nat,
+    },
+    Service {
+        name: "natu4",
+        address: "10.0.0.20",
+        port: 53,
+        protocol: config::Protocol::Udp,
+        forwarding: config::Forwarding::Nat,
+    },
+    Service {
+        name: "nat6",
+        address: "fd00:10::20",
+        port: 80,
+        protocol: config::Protocol::Tcp,
+        forwarding: config::Forwarding::Nat,
+    },
+    Service {
+        name: "natu6",
+        address: "fd00:10::20",
+        port: 53,
+        protocol: config::Protocol::Udp,
+        forwarding: config::Forwarding::Nat,
+    },
 ];
 
 fn service(name: &str) -> &'static Service {
@@ -176,6 +204,32 @@ fn prepare_namespace(ns: &Ns) -> Result<()> {
     }
     ip(&["addr", "add", "10.1.0.1/24", "dev", NIC])?;
     ip(&["-6", "addr", "add", "fd00:1::1/64", "dev", NIC, "nodad"])?;
+    // The clients, reached through the NIC too (NAT replies and ICMP go back to them).
+    ip(&["route", "add", "192.0.2.0/24", "dev", NIC])?;
+    ip(&["-6", "route", "add", "2001:db8::/64", "dev", NIC])?;
+    ip(&[
+        "neigh",
+        "replace",
+        CLIENT4,
+        "lladdr",
+        &mac_string(CLIENT_MAC),
+        "dev",
+        NIC,
+        "nud",
+        "permanent",
+    ])?;
+    ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        CLIENT6,
+        "lladdr",
+        &mac_string(CLIENT_MAC),
+        "dev",
+        NIC,
+        "nud",
+        "permanent",
+    ])?;
     for last in KNOWN_BACKENDS {
         let mac = mac_string(backend_mac(last));
         ip(&[
@@ -242,6 +296,15 @@ fn with_fixture(
     vips: Option<Vec<DesiredVip>>,
     body: impl FnOnce(&mut Fixture) -> Result<()> + Send,
 ) {
+    with_fixture_settings(vips, "", body)
+}
+
+/// `with_fixture` with extra `[dataplane]` settings (TOML lines).
+fn with_fixture_settings(
+    vips: Option<Vec<DesiredVip>>,
+    dataplane_settings: &'static str,
+    body: impl FnOnce(&mut Fixture) -> Result<()> + Send,
+) {
     require_root();
     let mut lab = Lab::new().expect("lab");
     let ns = lab.namespace("fx").expect("namespace");
@@ -255,7 +318,7 @@ fn with_fixture(
     in_netns(&ns, move || {
         let dataplane = config::parse(
             std::path::Path::new("fixture.toml"),
-            "[dataplane]\ninterface = \"fx0\"\n",
+            &format!("[dataplane]\ninterface = \"fx0\"\n{dataplane_settings}\n"),
         )
         .expect("minimal config")
         .dataplane;
@@ -333,7 +396,9 @@ impl Fixture {
                 out[6..12].copy_from_slice(&BALANCER_MAC);
                 out
             }
-            config::Forwarding::Nat => unreachable!("no NAT fixtures yet"),
+            config::Forwarding::Nat => {
+                unreachable!("NAT frames depend on the allocated port: see `expected_nat`")
+            }
         }
     }
 
@@ -348,18 +413,76 @@ impl Fixture {
     fn forward_to(&self, service: &Service, request: &Request, backend: IpAddr) {
         let (action, out) = self.run(&request.frame());
         assert_eq!(action, XDP_TX, "{}: expected XDP_TX", service.name);
-        assert_eq!(
-            hex(&out),
-            hex(&self.expected(service, request, backend)),
-            "{}: output frame",
-            service.name
-        );
+        let expected = match service.forwarding {
+            config::Forwarding::Nat => self.expected_nat(request, backend, nat_source_port(&out)),
+            _ => self.expected(service, request, backend),
+        };
+        assert_eq!(hex(&out), hex(&expected), "{}: output frame", service.name);
         assert_valid(&out);
+    }
+
+    /// The NATed frame of `request` to `backend` from source port `port`: built from scratch,
+    /// so its checksums check the program's incremental updates.
+    fn expected_nat(&self, request: &Request, backend: IpAddr, port: u16) -> Vec<u8> {
+        let range = self.dataplane.snat_ports;
+        assert!(
+            (range.first..=range.last).contains(&port),
+            "NAT port {port} outside {range}"
+        );
+        let nat = Request {
+            src: snat_of(backend),
+            src_port: port,
+            dst: backend,
+            dst_port: NAT_BACKEND_PORT,
+            ..*request
+        };
+        let key = flow_key(&Request {
+            src: backend,
+            src_port: NAT_BACKEND_PORT,
+            dst: nat.src,
+            dst_port: port,
+            ..*request
+        });
+        let reverse = self
+            .balancer
+            .nat_reverse(&key)
+            .expect("the NAT flow has a reverse entry");
+        assert_eq!(
+            (reverse.client_port, reverse.vip_port),
+            (request.src_port.to_be(), request.dst_port.to_be())
+        );
+        with_macs(nat.frame(), mac_of(backend), BALANCER_MAC)
     }
 
     fn reason(&self, reason: Reason) -> u64 {
         self.balancer.reason_count(reason).unwrap()
     }
+}
+
+/// The SNAT address of the fixture's NAT VIPs (the NIC's address) for a backend's family.
+fn snat_of(backend: IpAddr) -> IpAddr {
+    let snat = if backend.is_ipv4() {
+        "10.1.0.1"
+    } else {
+        "fd00:1::1"
+    };
+    snat.parse().unwrap()
+}
+
+/// The TCP/UDP source port of a frame (without VLAN tag).
+fn nat_source_port(frame: &[u8]) -> u16 {
+    let l4 = if frame[12..14] == [0x08, 0x00] {
+        14 + 20
+    } else {
+        14 + 40
+    };
+    u16::from_be_bytes([frame[l4], frame[l4 + 1]])
+}
+
+fn with_macs(mut frame: Vec<u8>, dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    frame[0..6].copy_from_slice(&dst);
+    frame[6..12].copy_from_slice(&src);
+    frame
 }
 
 fn flow_key(request: &Request) -> FlowKey {
@@ -798,6 +921,287 @@ fn the_decapsulator_restores_the_original_packet() {
             decap.reason_count(lb_common::DecapReason::DropMalformed)?,
             3
         );
+        Ok(())
+    });
+}
+
+// ---- NAT ----
+
+/// A NAT flow's reply as the backend sends it: backend:backend_port -> SNAT address:port.
+fn nat_reply(request: &Request, backend: IpAddr, port: u16, l4: L4) -> Request {
+    Request {
+        src: backend,
+        src_port: NAT_BACKEND_PORT,
+        dst: snat_of(backend),
+        dst_port: port,
+        l4,
+        ..*request
+    }
+}
+
+/// What the client must get back: VIP:port -> client, addressed to the client's MAC.
+fn client_view(request: &Request, l4: L4) -> Vec<u8> {
+    let reply = Request {
+        src: request.dst,
+        src_port: request.dst_port,
+        dst: request.src,
+        dst_port: request.src_port,
+        l4,
+        ..*request
+    };
+    with_macs(reply.frame(), CLIENT_MAC, BALANCER_MAC)
+}
+
+#[test]
+fn nat_translates_both_directions_for_ipv4_ipv6_tcp_and_udp() {
+    with_fixture(None, |fx| {
+        for name in ["nat4", "natu4", "nat6", "natu6"] {
+            let service = service(name);
+            let request = request_to(service, 51000, syn_or_udp(service));
+            let (action, out) = fx.run(&request.frame());
+            assert_eq!(action, XDP_TX, "{name}");
+            let backend = fx.predict(&request);
+            let port = nat_source_port(&out);
+            // A fresh table: the first port tried, from the flow hash, is the one taken.
+            let range = fx.dataplane.snat_ports;
+            let first_choice = range.first as u32
+                + lb_common::flow_hash(&flow_key(&request)) % (range.last - range.first + 1) as u32;
+            assert_eq!(port as u32, first_choice, "{name}: allocated port");
+            assert_eq!(
+                hex(&out),
+                hex(&fx.expected_nat(&request, backend, port)),
+                "{name}: client -> backend"
+            );
+            assert_valid(&out);
+
+            let answer = if service.protocol == config::Protocol::Tcp {
+                ACK
+            } else {
+                L4::Udp
+            };
+            let (action, back) = fx.run(&nat_reply(&request, backend, port, answer).frame());
+            assert_eq!(action, XDP_TX, "{name}: reply");
+            assert_eq!(
+                hex(&back),
+                hex(&client_view(&request, answer)),
+                "{name}: backend -> client"
+            );
+            assert_valid(&back);
+        }
+        // A packet to the NAT port range that belongs to no flow is the host's business.
+        let stray = Request::new("10.1.0.2", 8080, "10.1.0.1", 40001, ACK).frame();
+        assert_eq!(fx.run(&stray), (XDP_PASS, stray.clone()));
+        assert_eq!(fx.reason(Reason::PassNatReverseMiss), 1);
+        Ok(())
+    });
+}
+
+#[test]
+fn nat_keeps_a_zero_udp_checksum_zero() {
+    with_fixture(None, |fx| {
+        let request = request_to(service("natu4"), 52000, L4::Udp);
+        let mut frame = request.frame();
+        frame[14 + 20 + 6..14 + 20 + 8].fill(0);
+        let (action, out) = fx.run(&frame);
+        assert_eq!(action, XDP_TX);
+        let mut expected = fx.expected_nat(&request, fx.predict(&request), nat_source_port(&out));
+        expected[14 + 20 + 6..14 + 20 + 8].fill(0);
+        assert_eq!(hex(&out), hex(&expected));
+        Ok(())
+    });
+}
+
+#[test]
+fn nat_port_exhaustion_is_counted_and_dropped_never_misforwarded() {
+    let one_backend = vec![desired(service("nat4"), &[v4_backend(2)])];
+    with_fixture_settings(Some(one_backend), "snat_ports = \"40000-40003\"", |fx| {
+        let nat4 = service("nat4");
+        let mut ports = std::collections::BTreeSet::new();
+        for client_port in 53000..53004 {
+            let (action, out) = fx.run(&request_to(nat4, client_port, SYN).frame());
+            assert_eq!(action, XDP_TX);
+            ports.insert(nat_source_port(&out));
+        }
+        assert_eq!(
+            ports.into_iter().collect::<Vec<_>>(),
+            vec![40000, 40001, 40002, 40003]
+        );
+        // A retransmitted SYN keeps its port: nothing new is allocated for it.
+        let (action, _) = fx.run(&request_to(nat4, 53000, SYN).frame());
+        assert_eq!(action, XDP_TX);
+        let (action, out) = fx.run(&request_to(nat4, 53004, SYN).frame());
+        assert_eq!(
+            (action, out),
+            (XDP_DROP, request_to(nat4, 53004, SYN).frame())
+        );
+        assert_eq!(fx.reason(Reason::DropNatPortsExhausted), 1);
+        assert_eq!(fx.balancer.nat_count(), 4);
+        Ok(())
+    });
+}
+
+#[test]
+fn icmp_echo_to_a_vip_is_answered_by_the_balancer() {
+    with_fixture(None, |fx| {
+        let payload = [7u8; 24];
+        for (client, vip) in [(CLIENT4, "10.0.0.10"), (CLIENT6, "fd00:10::10")] {
+            let (mut request, mut reply) = (Vec::new(), Vec::new());
+            let to_lb = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, BALANCER_MAC);
+            let to_client = etherparse::PacketBuilder::ethernet2(BALANCER_MAC, CLIENT_MAC);
+            match (
+                client.parse::<IpAddr>().unwrap(),
+                vip.parse::<IpAddr>().unwrap(),
+            ) {
+                (IpAddr::V4(c), IpAddr::V4(v)) => {
+                    to_lb
+                        .ipv4(c.octets(), v.octets(), 60)
+                        .icmpv4_echo_request(9, 1)
+                        .write(&mut request, &payload)?;
+                    to_client
+                        .ipv4(v.octets(), c.octets(), 64)
+                        .icmpv4_echo_reply(9, 1)
+                        .write(&mut reply, &payload)?;
+                }
+                (IpAddr::V6(c), IpAddr::V6(v)) => {
+                    to_lb
+                        .ipv6(c.octets(), v.octets(), 60)
+                        .icmpv6_echo_request(9, 1)
+                        .write(&mut request, &payload)?;
+                    to_client
+                        .ipv6(v.octets(), c.octets(), 64)
+                        .icmpv6_echo_reply(9, 1)
+                        .write(&mut reply, &payload)?;
+                }
+                _ => unreachable!(),
+            }
+            let (action, out) = fx.run(&request);
+            assert_eq!(action, XDP_TX, "echo to {vip}");
+            assert_eq!(hex(&out), hex(&reply), "echo reply from {vip}");
+        }
+        assert_eq!(fx.reason(Reason::IcmpEchoReply), 2);
+        // An address that is not a VIP's is the host's to answer.
+        let mut other = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, BALANCER_MAC)
+            .ipv4([192, 0, 2, 1], [10, 1, 0, 1], 64)
+            .icmpv4_echo_request(9, 1)
+            .write(&mut other, &payload)?;
+        assert_eq!(fx.run(&other), (XDP_PASS, other.clone()));
+        Ok(())
+    });
+}
+
+/// An ICMP error `from -> to` of `kind` quoting the first `quote` bytes of the IP packet in
+/// `frame`, with valid checksums (etherparse).
+fn icmp_error(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    from: IpAddr,
+    to: IpAddr,
+    frame: &[u8],
+    quote: usize,
+) -> Vec<u8> {
+    let quoted = &frame[14..(14 + quote).min(frame.len())];
+    let mut out = Vec::new();
+    let eth = etherparse::PacketBuilder::ethernet2(src_mac, dst_mac);
+    match (from, to) {
+        (IpAddr::V4(f), IpAddr::V4(t)) => eth
+            .ipv4(f.octets(), t.octets(), 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400,
+                },
+            ))
+            .write(&mut out, quoted),
+        (IpAddr::V6(f), IpAddr::V6(t)) => eth
+            .ipv6(f.octets(), t.octets(), 64)
+            .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1400 })
+            .write(&mut out, quoted),
+        _ => unreachable!(),
+    }
+    .unwrap();
+    out
+}
+
+#[test]
+fn icmp_errors_about_nat_flows_are_translated_in_both_directions() {
+    with_fixture(None, |fx| {
+        for (name, router) in [("nat4", "192.0.2.254"), ("nat6", "2001:db8::fe")] {
+            let service = service(name);
+            let request = request_to(service, 54000, SYN);
+            let (_, nated) = fx.run(&request.frame());
+            let backend = fx.predict(&request);
+            let port = nat_source_port(&nated);
+            let ip_header = if backend.is_ipv4() { 20 } else { 40 };
+            // Quote the whole TCP header plus payload bytes, as Linux does (up to 576 bytes).
+            let quote = ip_header + 20 + 8;
+
+            // "Fragmentation needed" from the backend side about the NATed packet: the client
+            // must get it about the packet it sent, from the VIP.
+            let from_backend = icmp_error(
+                mac_of(backend),
+                BALANCER_MAC,
+                backend,
+                snat_of(backend),
+                &nated,
+                quote,
+            );
+            let expected = icmp_error(
+                BALANCER_MAC,
+                CLIENT_MAC,
+                request.dst,
+                request.src,
+                &request.frame(),
+                quote,
+            );
+            let (action, out) = fx.run(&from_backend);
+            assert_eq!(action, XDP_TX, "{name}: error from the backend side");
+            assert_eq!(
+                hex(&out),
+                hex(&expected),
+                "{name}: translated for the client"
+            );
+
+            // The same from the client side about a reply: the backend must get it about the
+            // reply it sent, from the SNAT address.
+            let reply = nat_reply(&request, backend, port, ACK);
+            let (_, to_client) = fx.run(&reply.frame());
+            let router: IpAddr = router.parse().unwrap();
+            let from_client = icmp_error(
+                CLIENT_MAC,
+                BALANCER_MAC,
+                router,
+                request.dst,
+                &to_client,
+                quote,
+            );
+            let expected = icmp_error(
+                BALANCER_MAC,
+                mac_of(backend),
+                snat_of(backend),
+                backend,
+                &reply.frame(),
+                quote,
+            );
+            let (action, out) = fx.run(&from_client);
+            assert_eq!(action, XDP_TX, "{name}: error from the client side");
+            assert_eq!(
+                hex(&out),
+                hex(&expected),
+                "{name}: translated for the backend"
+            );
+        }
+        assert_eq!(fx.reason(Reason::IcmpErrorTranslated), 4);
+        // An error about a flow nobody knows passes to the host untouched.
+        let unknown = icmp_error(
+            CLIENT_MAC,
+            BALANCER_MAC,
+            "192.0.2.254".parse().unwrap(),
+            "10.0.0.20".parse().unwrap(),
+            &request_to(service("nat4"), 1, ACK).frame(),
+            48,
+        );
+        assert_eq!(fx.run(&unknown), (XDP_PASS, unknown.clone()));
+        assert_eq!(fx.reason(Reason::PassIcmpUnknown), 1);
         Ok(())
     });
 }

@@ -29,6 +29,7 @@ pub const ACK: L4 = L4::Tcp {
 };
 
 /// A client -> service frame (IPv4 or IPv6 by the addresses' type), with valid checksums.
+#[derive(Clone, Copy)]
 pub struct Request {
     pub src: std::net::IpAddr,
     pub dst: std::net::IpAddr,

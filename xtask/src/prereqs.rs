@@ -7,7 +7,8 @@ use anyhow::{Result, bail};
 use crate::cmd::{cargo, is_root, probe, run, rustup};
 
 /// Debian packages the eBPF build and the tests need.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libclang-22-dev", "ethtool", "iproute2"];
+const APT_PACKAGES: &[&str] =
+    &["llvm-22-dev", "libclang-22-dev", "ethtool", "iproute2", "iputils-ping", "procps"];
 /// Debian packages that are nice to have (skipped if this distribution does not ship them).
 const APT_OPTIONAL: &[&str] = &["bpftool"];
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -21,10 +21,12 @@ pub const DEFAULT_GUE_PORT: u16 = lb_common::DEFAULT_GUE_PORT;
 const DEFAULT_ENCAP_SOURCE_V4: &str = "172.16.0.0/16";
 const DEFAULT_ENCAP_SOURCE_V6: &str = "fd00:4c42::/96";
 const DEFAULT_UDP_TIMEOUT: Duration = Duration::from_nanos(lb_common::UDP_FLOW_TIMEOUT_NS);
-const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a removed backend keeps its established flows, unless `[vip.drain] timeout` says.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_CONNTRACK_ENTRIES: u32 = 1024;
 const MAX_WEIGHT: u32 = 1000;
 const DEFAULT_SNAT_PORTS: &str = "40000-59999";
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 /// NAT ports below this would collide with well-known services.
 const MIN_SNAT_PORT: u16 = 1024;
 
@@ -39,6 +41,9 @@ pub struct Dataplane {
     pub interface: String,
     pub xdp_mode: XdpMode,
     pub conntrack_entries: u32,
+    /// Where maps and the XDP link are pinned (on a bpffs), so a restarted or upgraded
+    /// `lb run` adopts the running data plane.
+    pub pin_path: PathBuf,
     /// Outer source prefix of IPIP/GUE packets; the host bits vary per flow.
     pub encap_source_v4: Ipv4Net,
     pub encap_source_v6: Ipv6Net,
@@ -204,6 +209,7 @@ struct RawDataplane {
     xdp_mode: XdpMode,
     #[serde(default = "default_conntrack_entries")]
     conntrack_entries: u32,
+    pin_path: Option<Spanned<String>>,
     encap_source_v4: Option<Spanned<String>>,
     encap_source_v6: Option<Spanned<String>>,
     udp_timeout: Option<Spanned<String>>,
@@ -391,6 +397,13 @@ impl Checker<'_> {
         )?;
         let udp_timeout =
             self.duration(raw.udp_timeout.as_ref(), DEFAULT_UDP_TIMEOUT, "udp_timeout")?;
+        let pin_path = match &raw.pin_path {
+            None => PathBuf::from(DEFAULT_PIN_PATH),
+            Some(spanned) if !spanned.get_ref().starts_with('/') => {
+                return Err(self.at(spanned, format!("pin_path = \"{}\" must be an absolute path", spanned.get_ref())));
+            }
+            Some(spanned) => PathBuf::from(spanned.get_ref()),
+        };
         let snat_ports = match &raw.snat_ports {
             None => DEFAULT_SNAT_PORTS.parse().expect("default range parses"),
             Some(spanned) => spanned.get_ref().parse().map_err(|why| {
@@ -404,6 +417,7 @@ impl Checker<'_> {
             interface: raw.interface.clone(),
             xdp_mode: raw.xdp_mode,
             conntrack_entries: raw.conntrack_entries,
+            pin_path,
             encap_source_v4,
             encap_source_v6,
             udp_timeout,

@@ -1,13 +1,20 @@
 //! The only user of aya: loads the embedded XDP objects, attaches them, and gives typed
 //! access to their maps.
 
-use std::fmt::Write as _;
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{ProgramFd, TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{
+        ProgramFd, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use lb_common::{
     Backend, DECAP_REASON_COUNT, DecapKey, DecapReason, DecapSettings, Flow, FlowKey,
@@ -130,16 +137,64 @@ pub struct Balancer {
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     /// Scratch space for table writes (256 KiB: not for the stack).
     table_buffer: Box<MaglevTable>,
+    /// Where maps and the XDP link are pinned, if they are.
+    pins: Option<PathBuf>,
+}
+
+/// The maps `lb run` pins, so that a new process adopts them (the per-CPU scratch maps hold
+/// nothing between packets and are not pinned).
+pub const PINNED_MAPS: [&str; 9] = [
+    "VIPS",
+    "TABLES",
+    "BACKENDS",
+    "CONNTRACK",
+    "NAT_REVERSE",
+    "SETTINGS",
+    "REASONS",
+    "VIP_STATS",
+    "BACKEND_STATS",
+];
+/// The pinned XDP link, under the pin directory.
+const LINK_PIN: &str = "link";
+
+/// Whether `dir` holds the pins of a balancer (a previous `lb run` that crashed or handed over).
+pub fn has_pins(dir: &Path) -> bool {
+    dir.join(LINK_PIN).exists() || dir.join(PINNED_MAPS[0]).exists()
 }
 
 impl Balancer {
-    /// Loads (verifies) the program with a connection table of `conntrack_entries`.
+    /// Loads (verifies) the program with a connection table of `conntrack_entries`, with maps
+    /// of its own (tests, benchmarks).
     pub fn load(conntrack_entries: u32) -> Result<Self> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_with(conntrack_entries, None)
+    }
+
+    /// Loads the program with its maps pinned under `dir`: maps already pinned there (by a
+    /// previous `lb run`) are reused with their contents, the others created and pinned.
+    pub fn load_pinned(conntrack_entries: u32, dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Self::load_with(conntrack_entries, Some(dir))
+    }
+
+    fn load_with(conntrack_entries: u32, pins: Option<&Path>) -> Result<Self> {
+        let paths: Vec<(&str, PathBuf)> = pins
+            .map(|dir| PINNED_MAPS.iter().map(|name| (*name, dir.join(name))).collect())
+            .unwrap_or_default();
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries("CONNTRACK", conntrack_entries)
-            .map_max_entries("NAT_REVERSE", conntrack_entries)
-            .load(BALANCER_OBJECT)
-            .context("cannot load the balancer object (are you root, with BPF support?)")?;
+            .map_max_entries("NAT_REVERSE", conntrack_entries);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(BALANCER_OBJECT).with_context(|| match pins {
+            Some(dir) => format!(
+                "cannot load the balancer object with the maps pinned in {} (if they come from an \
+                 incompatible version, stop that balancer or remove the directory)",
+                dir.display()
+            ),
+            None => "cannot load the balancer object (are you root, with BPF support?)".into(),
+        })?;
         load_xdp(&mut ebpf, BALANCER_PROGRAM)?;
         Ok(Self {
             vips: take_map(&mut ebpf, "VIPS")?,
@@ -154,12 +209,75 @@ impl Balancer {
             table_buffer: Box::new(MaglevTable {
                 backends: [0; MAGLEV_TABLE_SIZE as usize],
             }),
+            pins: pins.map(Path::to_owned),
             ebpf,
         })
     }
 
-    pub fn attach(&mut self, interface: &str, mode: config::XdpMode) -> Result<()> {
-        attach(&mut self.ebpf, BALANCER_PROGRAM, interface, mode)
+    /// Attaches the program to `interface`. With pins, an XDP link pinned by a previous
+    /// process is taken over: its program is replaced atomically (no packet goes unhandled),
+    /// otherwise a new link is made and pinned, so the data plane outlives this process.
+    /// Returns whether an existing attachment was taken over.
+    pub fn attach(&mut self, interface: &str, mode: config::XdpMode) -> Result<bool> {
+        let Some(link_path) = self.pins.as_ref().map(|dir| dir.join(LINK_PIN)) else {
+            attach(&mut self.ebpf, BALANCER_PROGRAM, interface, mode)?;
+            return Ok(false);
+        };
+        let program = xdp(&mut self.ebpf, BALANCER_PROGRAM)?;
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path)
+                .with_context(|| format!("cannot open the pinned link {}", link_path.display()))?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
+            program.attach_to_link(link).context("cannot replace the program of the pinned XDP link")?;
+            return Ok(true);
+        }
+        let id = program
+            .attach(interface, mode.into())
+            .with_context(|| format!("cannot attach to {interface} in {mode:?} mode"))?;
+        let link = FdLink::try_from(program.take_link(id)?).context("the XDP attachment is not a BPF link")?;
+        // The pin keeps the link (and the attachment) alive when this process ends.
+        link.pin(&link_path).with_context(|| format!("cannot pin the XDP link at {}", link_path.display()))?;
+        Ok(false)
+    }
+
+    /// Stops the data plane for good: detaches the program and removes every pin, so the
+    /// next start begins with empty maps. Without this, the data plane keeps running after
+    /// the process ends, for the next `lb run` to adopt.
+    pub fn detach_and_unpin(self) -> Result<()> {
+        let Some(dir) = self.pins.clone() else { return Ok(()) };
+        let link_path = dir.join(LINK_PIN);
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path)?;
+            drop(pinned.unpin().context("cannot remove the pinned link")?);
+        }
+        drop(self);
+        for name in PINNED_MAPS {
+            let path = dir.join(name);
+            if path.exists() {
+                std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+            }
+        }
+        // Left alone if someone else keeps files there.
+        let _ = std::fs::remove_dir(&dir);
+        Ok(())
+    }
+
+    /// What the maps hold now: for a new process to adopt the state of a previous one.
+    pub fn snapshot(&self) -> Result<DataplaneSnapshot> {
+        let vips = self.vips.iter().collect::<Result<Vec<_>, _>>()?;
+        let mut tables = std::collections::BTreeMap::new();
+        for (_, info) in &vips {
+            let index = info.table_index();
+            tables.insert(index, self.tables.get(&index, 0)?.backends.to_vec());
+        }
+        let mut backends = Vec::new();
+        for id in 1..lb_common::MAX_BACKENDS {
+            let backend = self.backends.get(&id, 0)?;
+            if backend.state != lb_common::backend_state::UNUSED {
+                backends.push((id, backend));
+            }
+        }
+        Ok(DataplaneSnapshot { vips, tables, backends })
     }
 
     pub fn program_fd(&self) -> Result<&ProgramFd> {
@@ -222,6 +340,16 @@ impl Balancer {
     pub fn backend(&self, id: u32) -> Result<Backend> {
         Ok(self.backends.get(&id, 0)?)
     }
+}
+
+/// The contents of a balancer's maps that describe its configuration.
+#[derive(Debug, Default)]
+pub struct DataplaneSnapshot {
+    pub vips: Vec<(VipKey, VipInfo)>,
+    /// Live tables by `TABLES` index.
+    pub tables: std::collections::BTreeMap<u32, Vec<u32>>,
+    /// Backends in use, by id.
+    pub backends: Vec<(u32, Backend)>,
 }
 
 impl MapWriter for Balancer {

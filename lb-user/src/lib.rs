@@ -4,6 +4,7 @@
 pub mod backend_agent;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod host;
 pub mod maglev;
 pub mod reconcile;

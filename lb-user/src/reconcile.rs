@@ -7,7 +7,7 @@
 //! no longer names it, and is freed (its flows re-balanced) when its drain timeout ends.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -20,7 +20,8 @@ use lb_common::{
 };
 
 use crate::{
-    config::{Config, Forwarding},
+    config::{Config, DEFAULT_DRAIN_TIMEOUT, Forwarding},
+    dataplane::DataplaneSnapshot,
     maglev::{self, MaglevBackend},
 };
 
@@ -156,6 +157,13 @@ impl Ids {
     fn free(&mut self, id: u32) {
         self.freed.push_back(id);
     }
+
+    /// Ids as a previous process left them: `used` are taken, the gaps below the highest free.
+    fn adopted(first: u32, end: u32, used: &BTreeSet<u32>) -> Self {
+        let next = used.last().map_or(first, |max| max + 1).max(first);
+        let freed = (first..next).filter(|id| !used.contains(id)).collect();
+        Self { next, end, freed }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -200,6 +208,9 @@ impl Changes {
 
 pub struct Reconciler {
     vips: BTreeMap<VipKey, VipState>,
+    /// Backends a previous process left in the maps that no live table names (they were
+    /// draining when it stopped): freed one drain timeout after adoption.
+    orphans: Vec<(u32, Instant)>,
     /// ICMP echo entries written, by VIP address.
     echo: BTreeMap<VipKey, VipInfo>,
     vip_ids: Ids,
@@ -216,10 +227,54 @@ impl Reconciler {
     pub fn new() -> Self {
         Self {
             vips: BTreeMap::new(),
+            orphans: Vec::new(),
             echo: BTreeMap::new(),
             vip_ids: Ids::new(0, MAX_VIPS),
             // Backend id 0 means "no backend" in the tables.
             backend_ids: Ids::new(1, MAX_BACKENDS),
+        }
+    }
+
+    /// Takes over the maps a previous process left (pinned): every backend keeps its id, so
+    /// flows pinned in the connection table keep their backend, and applying an unchanged
+    /// configuration afterwards writes nothing.
+    pub fn adopt(snapshot: &DataplaneSnapshot, now: Instant) -> Self {
+        let backends: BTreeMap<u32, Backend> = snapshot.backends.iter().copied().collect();
+        let mut vips = BTreeMap::new();
+        let mut echo = BTreeMap::new();
+        let mut tabled = BTreeSet::new();
+        for (key, info) in &snapshot.vips {
+            if info.mode == ECHO_MODE {
+                echo.insert(*key, *info);
+                continue;
+            }
+            let table = snapshot.tables.get(&info.table_index()).cloned().unwrap_or_default();
+            let ids: BTreeSet<u32> = table.iter().copied().filter(|id| *id != 0).collect();
+            let members = ids.iter().filter_map(|id| {
+                let address = address_of(backends.get(id)?)?;
+                tabled.insert(*id);
+                // Weights are not in the maps: the next apply sets them (and rebuilds the
+                // table only if they differ from what built it).
+                Some((address, BackendState { id: *id, weight: 1, phase: BackendPhase::Active }))
+            });
+            let state = VipState {
+                name: String::new(),
+                info: *info,
+                backends: members.collect(),
+                table,
+                drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            };
+            vips.insert(*key, state);
+        }
+        let orphans = backends.keys().filter(|id| !tabled.contains(id)).map(|id| (*id, now)).collect();
+        let vip_ids: BTreeSet<u32> = vips.values().map(|vip| vip.info.id).collect();
+        let backend_ids: BTreeSet<u32> = backends.keys().copied().collect();
+        Self {
+            vips,
+            orphans,
+            echo,
+            vip_ids: Ids::adopted(0, MAX_VIPS, &vip_ids),
+            backend_ids: Ids::adopted(1, MAX_BACKENDS, &backend_ids),
         }
     }
 
@@ -447,6 +502,14 @@ impl Reconciler {
     /// Frees backends whose drain timeout has ended: their remaining flows are re-balanced.
     pub fn tick(&mut self, maps: &mut impl MapWriter, now: Instant) -> Result<Changes> {
         let mut changes = Changes::default();
+        let (expired, kept): (Vec<_>, Vec<_>) =
+            self.orphans.iter().partition(|(_, since)| now.duration_since(*since) >= DEFAULT_DRAIN_TIMEOUT);
+        self.orphans = kept;
+        for (id, _) in expired {
+            maps.write_backend(id, &unused_backend())?;
+            self.backend_ids.free(id);
+            changes.backends_freed += 1;
+        }
         for state in self.vips.values_mut() {
             let expired: Vec<IpAddr> = state
                 .backends
@@ -465,6 +528,16 @@ impl Reconciler {
             }
         }
         Ok(changes)
+    }
+}
+
+/// The address a backend entry holds; `None` for an unused slot.
+pub fn address_of(backend: &Backend) -> Option<IpAddr> {
+    let bytes: Vec<u8> = backend.addr.iter().flat_map(|word| word.to_ne_bytes()).collect();
+    match backend.family {
+        FAMILY_V4 => Some(IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).ok()?)),
+        FAMILY_V6 => Some(IpAddr::from(<[u8; 16]>::try_from(&bytes[..]).ok()?)),
+        _ => None,
     }
 }
 
@@ -701,5 +774,74 @@ mod tests {
             .apply(&[vip(&["10.1.0.9"])], &mut maps, now)
             .unwrap();
         assert_eq!(reconciler.vips().next().unwrap().1.info.id, 1);
+    }
+
+    /// Maps kept in memory, to hand one reconciler's result to another.
+    #[derive(Default)]
+    struct MemoryMaps {
+        vips: BTreeMap<VipKey, VipInfo>,
+        tables: BTreeMap<u32, Vec<u32>>,
+        backends: BTreeMap<u32, Backend>,
+    }
+
+    impl MapWriter for MemoryMaps {
+        fn write_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+            self.backends.insert(id, *backend);
+            Ok(())
+        }
+        fn write_table(&mut self, index: u32, table: &[u32]) -> Result<()> {
+            self.tables.insert(index, table.to_vec());
+            Ok(())
+        }
+        fn write_vip(&mut self, key: &VipKey, info: &VipInfo) -> Result<()> {
+            self.vips.insert(*key, *info);
+            Ok(())
+        }
+        fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+            self.vips.remove(key);
+            Ok(())
+        }
+    }
+
+    impl MemoryMaps {
+        fn snapshot(&self) -> DataplaneSnapshot {
+            let live = self.vips.values().map(|info| info.table_index());
+            DataplaneSnapshot {
+                vips: self.vips.iter().map(|(k, v)| (*k, *v)).collect(),
+                tables: live.map(|index| (index, self.tables[&index].clone())).collect(),
+                backends: self.backends.iter().filter(|(_, b)| b.state != UNUSED).map(|(id, b)| (*id, *b)).collect(),
+            }
+        }
+    }
+
+    #[test]
+    fn a_new_process_adopts_the_maps_and_changes_nothing() {
+        let now = Instant::now();
+        let desired = [vip(&["10.1.0.2", "10.1.0.3", "10.1.0.4"])];
+        let mut maps = MemoryMaps::default();
+        let mut first = Reconciler::new();
+        first.apply(&[vip(&["10.1.0.9"])], &mut maps, now).unwrap();
+        first.apply(&desired, &mut maps, now).unwrap();
+        // 10.1.0.9 was removed just before the "crash": it is draining, in no table.
+        let active = |r: &Reconciler| -> Vec<u32> {
+            let backends = &r.vips().next().unwrap().1.backends;
+            backends.values().filter(|b| b.phase == BackendPhase::Active).map(|b| b.id).collect()
+        };
+        let ids = active(&first);
+
+        let mut second = Reconciler::adopt(&maps.snapshot(), now);
+        let mut recorder = Recorder::default();
+        let changes = second.apply(&desired, &mut recorder, now).unwrap();
+        assert!(changes.is_empty() && recorder.writes.is_empty(), "{changes:?} {:?}", recorder.writes);
+        assert_eq!(active(&second), ids);
+        // The draining orphan keeps its id until a drain timeout has passed, then is freed.
+        second.tick(&mut recorder, now + Duration::from_secs(29)).unwrap();
+        assert!(recorder.writes.is_empty());
+        second.tick(&mut recorder, now + DEFAULT_DRAIN_TIMEOUT).unwrap();
+        assert_eq!(recorder.writes, vec![Write::Backend(1, UNUSED)]);
+        // New backends never reuse a live id.
+        recorder.writes.clear();
+        second.apply(&[vip(&["10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5"])], &mut recorder, now).unwrap();
+        assert_eq!(recorder.writes[0], Write::Backend(5, ACTIVE));
     }
 }

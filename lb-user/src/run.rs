@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{self, Config},
-    dataplane::{Balancer, settings_from_config},
+    dataplane::{Balancer, has_pins, settings_from_config},
     host,
     reconcile::{Changes, DesiredVip, Reconciler, desired_from_config},
 };
@@ -93,19 +93,34 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let dataplane = &config.dataplane;
     host::enable_forwarding(&dataplane.interface)?;
 
-    let mut balancer = Balancer::load(dataplane.conntrack_entries)?;
+    host::ensure_bpffs(&dataplane.pin_path)?;
+    let adopting = has_pins(&dataplane.pin_path);
+    let mut balancer = Balancer::load_pinned(dataplane.conntrack_entries, &dataplane.pin_path)?;
+    let mut reconciler = if adopting {
+        info!(pin_path = %dataplane.pin_path.display(), "adopting the running data plane: flows keep their backends");
+        Reconciler::adopt(&balancer.snapshot()?, Instant::now())
+    } else {
+        Reconciler::new()
+    };
     balancer.write_settings(&settings_from_config(dataplane))?;
-    let mut reconciler = Reconciler::new();
     let changes = reconciler.apply(&desired, &mut balancer, Instant::now())?;
     log_changes("maps filled", &changes);
     host::prime_neighbours(backend_addresses(&config));
-    balancer.attach(&dataplane.interface, dataplane.xdp_mode)?;
-    info!(interface = dataplane.interface.as_str(), mode = ?dataplane.xdp_mode, vips = config.vips.len(), "data plane ready");
+    let replaced = balancer.attach(&dataplane.interface, dataplane.xdp_mode)?;
+    info!(
+        interface = dataplane.interface.as_str(),
+        mode = ?dataplane.xdp_mode,
+        vips = config.vips.len(),
+        program = if replaced { "replaced in place" } else { "attached" },
+        "data plane ready"
+    );
 
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut handover = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
     let mut tick = tokio::time::interval(TICK);
+    let mut detach = true;
     let mut neighbours = tokio::time::interval(NEIGHBOUR_REFRESH);
     loop {
         tokio::select! {
@@ -115,6 +130,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
             },
             _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
+            // An upgrade: leave the data plane running for the next `lb run` to adopt.
+            _ = handover.recv() => {
+                detach = false;
+                break;
+            }
             _ = tick.tick() => log_changes("drain finished", &reconciler.tick(&mut balancer, Instant::now())?),
             _ = neighbours.tick() => host::prime_neighbours(backend_addresses(&config)),
         }
@@ -125,11 +145,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .filter(|(_, count)| *count > 0)
         .map(|(reason, count)| format!("{}={count}", reason.name()))
         .collect();
-    info!(
-        packets = counted.join(" "),
-        "stopping: detaching the XDP program"
-    );
-    drop(balancer);
+    if detach {
+        info!(packets = counted.join(" "), "stopping: detaching the XDP program and removing the pins");
+        balancer.detach_and_unpin()?;
+    } else {
+        info!(packets = counted.join(" "), pin_path = %config.dataplane.pin_path.display(), "handing over: the data plane keeps running");
+    }
     Ok(())
 }
 

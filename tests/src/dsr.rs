@@ -119,6 +119,7 @@ impl DsrLab {
         LbConfig {
             interface: self.balancer.ifname.clone(),
             xdp_mode: XdpMode::Native,
+            pin_path: Some(self.lab.bpffs().join("lb")),
             vips,
         }
     }

@@ -93,6 +93,9 @@ impl Lab {
             namespaces: Vec::new(),
             switch,
         };
+        let bpffs = lab.bpffs();
+        std::fs::create_dir(&bpffs).with_context(|| format!("creating {}", bpffs.display()))?;
+        command("mount", &["-t", "bpf", "bpf", &bpffs.display().to_string()])?;
         // The switch is a plain wire: bridged frames skip netfilter (br_netfilter is built in).
         lab.switch().run(&[
             "sysctl",
@@ -116,6 +119,11 @@ impl Lab {
     }
 
     /// A directory for config files and the like, deleted with the lab.
+    /// A bpffs private to the lab (mounted in its work directory), for `pin_path`.
+    pub fn bpffs(&self) -> PathBuf {
+        self.workdir.join("bpf")
+    }
+
     pub fn workdir(&self) -> &Path {
         &self.workdir
     }
@@ -227,6 +235,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Unmounting the bpffs drops the pins in it (and with them what they kept alive).
+        if let Err(e) = command("umount", &[&self.bpffs().display().to_string()]) {
+            eprintln!("lab: could not unmount {}: {e:#}", self.bpffs().display());
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.workdir) {
             eprintln!("lab: could not remove {}: {e}", self.workdir.display());
         }

@@ -101,6 +101,9 @@ pub struct Vip {
 pub struct LbConfig {
     pub interface: String,
     pub xdp_mode: XdpMode,
+    /// Where `lb run` pins its maps and link: on the lab's own bpffs, so parallel labs and
+    /// the host's /sys/fs/bpf never meet.
+    pub pin_path: Option<std::path::PathBuf>,
     pub vips: Vec<Vip>,
 }
 
@@ -115,6 +118,9 @@ impl LbConfig {
             "[dataplane]\ninterface = {:?}\nxdp_mode = {xdp_mode:?}\n",
             self.interface
         );
+        if let Some(pin_path) = &self.pin_path {
+            let _ = writeln!(toml, "pin_path = {:?}", pin_path.display().to_string());
+        }
         for vip in &self.vips {
             let protocol = match vip.protocol {
                 Protocol::Tcp => "tcp",

@@ -264,6 +264,7 @@ fn config_renders_the_contract_format() {
     let config = LbConfig {
         interface: "eth0".into(),
         xdp_mode: XdpMode::Native,
+        pin_path: None,
         vips: vec![Vip {
             name: "web".into(),
             address: "198.18.1.10".parse().unwrap(),

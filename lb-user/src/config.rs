@@ -6,12 +6,14 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use ipnet::{Ipv4Net, Ipv6Net};
+
+use crate::health::{Check, DEFAULT_HTTP_EXPECT, HealthConfig};
 use lb_common::{ForwardingMode, MAX_BACKENDS, MAX_VIPS};
 use serde::Deserialize;
 use toml::Spanned;
@@ -27,13 +29,24 @@ const MIN_CONNTRACK_ENTRIES: u32 = 1024;
 const MAX_WEIGHT: u32 = 1000;
 const DEFAULT_SNAT_PORTS: &str = "40000-59999";
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+/// Loopback only by default: the endpoint has no authentication unless a token is set.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9930";
 /// NAT ports below this would collide with well-known services.
 const MIN_SNAT_PORT: u16 = 1024;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub dataplane: Dataplane,
+    pub admin: Admin,
     pub vips: Vec<Vip>,
+}
+
+/// The admin endpoint: /metrics, /status, /healthz.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    /// Required as a bearer token by every endpoint but /healthz, when set.
+    pub token: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -164,6 +177,7 @@ pub struct Vip {
     pub backends: Vec<StaticBackend>,
     /// How long a removed backend keeps its established flows.
     pub drain_timeout: Duration,
+    pub health: HealthConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,8 +211,30 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     dataplane: Spanned<RawDataplane>,
+    admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     vip: Vec<Spanned<RawVip>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<Spanned<String>>,
+    token: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<Spanned<String>>,
+    port: Option<u16>,
+    path: Option<String>,
+    expect: Option<Spanned<String>>,
+    host: Option<String>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<u32>,
+    fall: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -239,6 +275,7 @@ struct RawVip {
     discovery: RawDiscovery,
     #[serde(default)]
     drain: RawDrain,
+    health: Option<Spanned<RawHealth>>,
 }
 
 fn default_forwarding() -> Spanned<Forwarding> {
@@ -365,7 +402,8 @@ impl Checker<'_> {
                 ),
             ));
         }
-        Ok(Config { dataplane, vips })
+        let admin = self.admin(raw.admin.as_ref())?;
+        Ok(Config { dataplane, admin, vips })
     }
 
     fn dataplane(&self, spanned: &Spanned<RawDataplane>) -> Result<Dataplane, ConfigError> {
@@ -585,6 +623,7 @@ impl Checker<'_> {
             DEFAULT_DRAIN_TIMEOUT,
             "drain timeout",
         )?;
+        let health = self.health(raw.health.as_ref(), &name, raw.protocol)?;
         Ok(Vip {
             name,
             address,
@@ -596,7 +635,66 @@ impl Checker<'_> {
             snat_address,
             backends,
             drain_timeout,
+            health,
         })
+    }
+
+    /// `[vip.health]`. Without it, TCP VIPs get TCP connect checks and UDP VIPs none (a UDP
+    /// service has no generic check; configure an HTTP or TCP one on a side port if it has one).
+    fn health(&self, raw: Option<&Spanned<RawHealth>>, vip: &str, protocol: Protocol) -> Result<HealthConfig, ConfigError> {
+        let default = HealthConfig {
+            check: if protocol == Protocol::Tcp { Check::Tcp } else { Check::None },
+            ..HealthConfig::default()
+        };
+        let Some(spanned) = raw else { return Ok(default) };
+        let raw = spanned.get_ref();
+        let expect = match &raw.expect {
+            None => DEFAULT_HTTP_EXPECT,
+            Some(text) => status_range(text.get_ref()).ok_or_else(|| {
+                self.at(text, format!("VIP \"{vip}\": health expect = \"{}\" is not a status range like \"200-399\"", text.get_ref()))
+            })?,
+        };
+        let check = match raw.check.as_ref().map(|c| (c, c.get_ref().as_str())) {
+            None => default.check.clone(),
+            Some((_, "tcp")) => Check::Tcp,
+            Some((_, "none")) => Check::None,
+            Some((_, "http")) => Check::Http {
+                path: raw.path.clone().unwrap_or_else(|| "/".into()),
+                expect,
+                host: raw.host.clone(),
+            },
+            Some((spanned, other)) => {
+                return Err(self.at(spanned, format!("VIP \"{vip}\": health check \"{other}\" is not one of tcp, http, none")));
+            }
+        };
+        let health = HealthConfig {
+            check,
+            port: raw.port,
+            interval: self.duration(raw.interval.as_ref(), default.interval, "health interval")?,
+            timeout: self.duration(raw.timeout.as_ref(), default.timeout, "health timeout")?,
+            rise: raw.rise.unwrap_or(default.rise),
+            fall: raw.fall.unwrap_or(default.fall),
+        };
+        health.validate().map_err(|why| self.at(spanned, format!("VIP \"{vip}\": {why}")))?;
+        Ok(health)
+    }
+
+    fn admin(&self, raw: Option<&Spanned<RawAdmin>>) -> Result<Admin, ConfigError> {
+        let default_listen: SocketAddr = DEFAULT_ADMIN_LISTEN.parse().expect("default parses");
+        let Some(spanned) = raw else { return Ok(Admin { listen: default_listen, token: None }) };
+        let raw = spanned.get_ref();
+        let listen = match &raw.listen {
+            None => default_listen,
+            Some(text) => text.get_ref().parse().map_err(|_| {
+                self.at(text, format!("admin listen = \"{}\" is not an address:port like \"{DEFAULT_ADMIN_LISTEN}\"", text.get_ref()))
+            })?,
+        };
+        if let Some(token) = &raw.token
+            && (token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(self.at(spanned, "admin token must be at least 16 characters without spaces".into()));
+        }
+        Ok(Admin { listen, token: raw.token.clone() })
     }
 
     fn backend(
@@ -634,6 +732,13 @@ impl Checker<'_> {
         }
         Ok(StaticBackend { address, weight })
     }
+}
+
+/// An HTTP status range, "200-399" or "200".
+fn status_range(text: &str) -> Option<std::ops::RangeInclusive<u16>> {
+    let (first, last) = text.split_once('-').unwrap_or((text, text));
+    let (first, last) = (first.trim().parse().ok()?, last.trim().parse().ok()?);
+    (first <= last).then_some(first..=last)
 }
 
 /// An address that can be a VIP or a backend: not unspecified, loopback, multicast, broadcast

@@ -9,3 +9,4 @@ pub mod host;
 pub mod maglev;
 pub mod reconcile;
 pub mod run;
+pub mod status;

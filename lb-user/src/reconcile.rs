@@ -56,6 +56,8 @@ pub struct DesiredVip {
 pub struct DesiredBackend {
     pub address: IpAddr,
     pub weight: u32,
+    /// Passed its health checks (or is not checked).
+    pub healthy: bool,
 }
 
 /// The VIP key of an address, port (host order) and protocol.
@@ -78,10 +80,12 @@ pub fn addr_of(address: IpAddr) -> (lb_common::Addr, u8) {
 }
 
 /// The desired state a configuration file describes (static backends). `default_snat` gives
-/// the SNAT address of a NAT VIP that names none (the interface's address of that family).
+/// the SNAT address of a NAT VIP that names none (the interface's address of that family);
+/// `healthy` tells whether a VIP's backend passes its health checks.
 pub fn desired_from_config(
     config: &Config,
     default_snat: impl Fn(IpAddr) -> Option<IpAddr>,
+    healthy: impl Fn(&str, IpAddr) -> bool,
 ) -> Vec<DesiredVip> {
     config
         .vips
@@ -102,6 +106,7 @@ pub fn desired_from_config(
                 .map(|b| DesiredBackend {
                     address: b.address,
                     weight: b.weight,
+                    healthy: healthy(&vip.name, b.address),
                 })
                 .collect(),
             drain_timeout: vip.drain_timeout,
@@ -166,9 +171,12 @@ impl Ids {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendPhase {
+    /// In the table.
     Active,
+    /// Failed its health checks: out of the table, its established flows move.
+    Down,
     /// Out of the table since the instant; freed when its drain timeout ends.
     Draining(Instant),
 }
@@ -183,6 +191,8 @@ pub struct BackendState {
 #[derive(Debug)]
 pub struct VipState {
     pub name: String,
+    /// Every backend is down, so all of them are in the table.
+    pub fail_open: bool,
     pub info: VipInfo,
     pub backends: BTreeMap<IpAddr, BackendState>,
     pub table: Vec<u32>,
@@ -196,6 +206,9 @@ pub struct Changes {
     pub vips_removed: usize,
     pub backends_added: usize,
     pub backends_draining: usize,
+    /// Backends taken out of the table by their health checks.
+    pub backends_down: usize,
+    pub fail_open_changed: usize,
     pub backends_freed: usize,
     pub tables_swapped: usize,
 }
@@ -259,6 +272,7 @@ impl Reconciler {
             });
             let state = VipState {
                 name: String::new(),
+                fail_open: false,
                 info: *info,
                 backends: members.collect(),
                 table,
@@ -400,6 +414,7 @@ impl Reconciler {
                 desired.key,
                 VipState {
                     name: desired.name.clone(),
+                    fail_open: false,
                     info,
                     backends: BTreeMap::new(),
                     table: Vec::new(),
@@ -412,39 +427,46 @@ impl Reconciler {
         state.name.clone_from(&desired.name);
         state.drain_timeout = desired.drain_timeout;
 
-        // New backends and ones coming back from draining are written before the table names them.
+        // Every backend down: all of them take traffic rather than none (as AWS NLB does).
+        let fail_open = !desired.backends.is_empty() && desired.backends.iter().all(|b| !b.healthy);
+        if fail_open != state.fail_open {
+            changes.fail_open_changed += 1;
+        }
+        state.fail_open = fail_open;
+
+        // Backends entering the table are written before the table names them; those leaving
+        // it only after the new table is live (`after_swap`).
+        let mut after_swap = Vec::new();
         for backend in &desired.backends {
-            let (addr, family) = addr_of(backend.address);
-            match state.backends.get_mut(&backend.address) {
-                Some(existing) => {
+            let phase = if backend.healthy || fail_open { BackendPhase::Active } else { BackendPhase::Down };
+            let entry = match state.backends.get_mut(&backend.address) {
+                Some(existing) if existing.phase == phase => {
                     existing.weight = backend.weight;
-                    if existing.phase != BackendPhase::Active {
-                        existing.phase = BackendPhase::Active;
-                        maps.write_backend(existing.id, &active_backend(addr, family))?;
-                    }
+                    continue;
                 }
+                Some(existing) => existing,
                 None => {
                     let id = self.backend_ids.take("backend")?;
-                    maps.write_backend(id, &active_backend(addr, family))?;
-                    state.backends.insert(
-                        backend.address,
-                        BackendState {
-                            id,
-                            weight: backend.weight,
-                            phase: BackendPhase::Active,
-                        },
-                    );
                     changes.backends_added += 1;
+                    state.backends.entry(backend.address).or_insert(BackendState { id, weight: backend.weight, phase: BackendPhase::Down })
                 }
+            };
+            entry.weight = backend.weight;
+            entry.phase = phase;
+            let written = data_plane_backend(backend.address, &phase);
+            if phase == BackendPhase::Active {
+                maps.write_backend(entry.id, &written)?;
+            } else {
+                changes.backends_down += 1;
+                after_swap.push((entry.id, written));
             }
         }
-
-        let mut newly_draining = Vec::new();
         for (address, backend) in state.backends.iter_mut() {
             let still_wanted = desired.backends.iter().any(|b| b.address == *address);
-            if !still_wanted && backend.phase == BackendPhase::Active {
+            if !still_wanted && !matches!(backend.phase, BackendPhase::Draining(_)) {
                 backend.phase = BackendPhase::Draining(now);
-                newly_draining.push(*address);
+                after_swap.push((backend.id, data_plane_backend(*address, &backend.phase)));
+                changes.backends_draining += 1;
             }
         }
 
@@ -482,19 +504,8 @@ impl Reconciler {
         }
 
         // Only now that the live table no longer names them do they stop taking new flows.
-        for address in newly_draining {
-            let backend = &state.backends[&address];
-            let (addr, family) = addr_of(address);
-            maps.write_backend(
-                backend.id,
-                &Backend {
-                    addr,
-                    family,
-                    state: backend_state::DRAINING,
-                    _pad: [0; 2],
-                },
-            )?;
-            changes.backends_draining += 1;
+        for (id, backend) in after_swap {
+            maps.write_backend(id, &backend)?;
         }
         Ok(())
     }
@@ -541,13 +552,15 @@ pub fn address_of(backend: &Backend) -> Option<IpAddr> {
     }
 }
 
-fn active_backend(addr: lb_common::Addr, family: u8) -> Backend {
-    Backend {
-        addr,
-        family,
-        state: backend_state::ACTIVE,
-        _pad: [0; 2],
-    }
+/// The data plane's entry for a backend in `phase`.
+fn data_plane_backend(address: IpAddr, phase: &BackendPhase) -> Backend {
+    let (addr, family) = addr_of(address);
+    let state = match phase {
+        BackendPhase::Active => backend_state::ACTIVE,
+        BackendPhase::Down => backend_state::DOWN,
+        BackendPhase::Draining(_) => backend_state::DRAINING,
+    };
+    Backend { addr, family, state, _pad: [0; 2] }
 }
 
 fn unused_backend() -> Backend {
@@ -622,6 +635,7 @@ mod tests {
                 .map(|a| DesiredBackend {
                     address: a.parse().unwrap(),
                     weight: 1,
+                    healthy: true,
                 })
                 .collect(),
             drain_timeout: Duration::from_secs(30),

@@ -1,28 +1,38 @@
-//! `lb run`: load the balancer, fill its maps from the configuration, attach it, and keep
-//! the maps in line with the configuration (SIGHUP) and the drain timers until told to stop.
+//! `lb run`: load (or adopt) the balancer, fill its maps from the configuration, attach it,
+//! and keep the maps in line with the configuration (SIGHUP), the health checks and the
+//! drain timers until told to stop. Every input is an observation; `Reconciler::apply` alone
+//! turns them into map writes.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::ForwardingMode;
-use tokio::signal::unix::{SignalKind, signal};
+use lb_common::{ForwardingMode, MAGLEV_TABLE_SIZE};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, watch},
+};
 use tracing::{error, info, warn};
 
 use crate::{
     config::{self, Config},
     dataplane::{Balancer, has_pins, settings_from_config},
+    health::{Check, Health, HealthChecker, HealthEvent, HealthState, Target, TargetKey},
     host,
-    reconcile::{Changes, DesiredVip, Reconciler, desired_from_config},
+    reconcile::{BackendPhase, Changes, DesiredVip, Reconciler, desired_from_config},
+    status::{BackendStatus, ReasonCount, Status, VipStatus},
 };
 
-/// How often drain timers are checked.
+/// How often drain timers are checked and the status snapshot is refreshed.
 const TICK: Duration = Duration::from_secs(1);
 /// How often backends' neighbour entries are refreshed.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(30);
+/// How often the connection and NAT tables are counted (a walk over the maps).
+const TABLE_COUNT_INTERVAL: Duration = Duration::from_secs(10);
 
 fn log_changes(what: &str, changes: &Changes) {
     if !changes.is_empty() {
@@ -31,6 +41,7 @@ fn log_changes(what: &str, changes: &Changes) {
             vips_removed = changes.vips_removed,
             backends_added = changes.backends_added,
             backends_draining = changes.backends_draining,
+            backends_down = changes.backends_down,
             backends_freed = changes.backends_freed,
             tables_swapped = changes.tables_swapped,
             "{what}"
@@ -38,36 +49,32 @@ fn log_changes(what: &str, changes: &Changes) {
     }
 }
 
-fn backend_addresses(config: &Config) -> Vec<std::net::IpAddr> {
-    config
-        .vips
-        .iter()
-        .flat_map(|vip| vip.backends.iter().map(|b| b.address))
-        .collect()
+fn backend_addresses(config: &Config) -> Vec<IpAddr> {
+    config.vips.iter().flat_map(|vip| vip.backends.iter().map(|b| b.address)).collect()
 }
 
-/// The desired state of `config` on this host: NAT VIPs without a `snat_address` take the
-/// interface's first address of their family. Fails, before anything is touched, when NAT
-/// cannot work here.
-fn desired_state(config: &Config) -> Result<Vec<DesiredVip>> {
+/// The health of every checked backend, as the checker last reported it.
+type HealthView = BTreeMap<TargetKey, Health>;
+
+/// The desired state of `config` on this host, given the backends' health. NAT VIPs without a
+/// `snat_address` take the interface's first address of their family. Fails, before anything
+/// is touched, when NAT cannot work here.
+fn desired_state(config: &Config, health: &HealthView) -> Result<Vec<DesiredVip>> {
     let interface = &config.dataplane.interface;
     let addresses = host::interface_addresses(interface)?;
     let default_snat = |vip: IpAddr| {
-        addresses
-            .iter()
-            .copied()
-            .find(|a| a.is_ipv4() == vip.is_ipv4() && config::is_unicast(*a))
+        addresses.iter().copied().find(|a| a.is_ipv4() == vip.is_ipv4() && config::is_unicast(*a))
     };
-    let desired = desired_from_config(config, default_snat);
-    let nat: Vec<&DesiredVip> = desired
-        .iter()
-        .filter(|vip| vip.mode == ForwardingMode::Nat)
-        .collect();
+    let unchecked: Vec<&str> =
+        config.vips.iter().filter(|vip| vip.health.check == Check::None).map(|vip| vip.name.as_str()).collect();
+    let healthy = |vip: &str, backend: IpAddr| {
+        unchecked.contains(&vip)
+            || health.get(&TargetKey { vip: vip.to_owned(), backend }) == Some(&Health::Up)
+    };
+    let desired = desired_from_config(config, default_snat, healthy);
+    let nat: Vec<&DesiredVip> = desired.iter().filter(|vip| vip.mode == ForwardingMode::Nat).collect();
     if let Some(vip) = nat.iter().find(|vip| vip.snat_address.is_none()) {
-        bail!(
-            "VIP \"{}\" uses nat but {interface} has no address of its family to use as source: set snat_address",
-            vip.name
-        );
+        bail!("VIP \"{}\" uses nat but {interface} has no address of its family to use as source: set snat_address", vip.name);
     }
     if !nat.is_empty() {
         let ephemeral = host::ephemeral_ports()?;
@@ -87,13 +94,193 @@ fn desired_state(config: &Config) -> Result<Vec<DesiredVip>> {
     Ok(desired)
 }
 
+/// What the health checker must check: every backend of every VIP with a check.
+fn health_targets(config: &Config) -> Vec<Target> {
+    config
+        .vips
+        .iter()
+        .filter(|vip| vip.health.check != Check::None)
+        .flat_map(|vip| {
+            let port = if vip.forwarding == config::Forwarding::Nat { vip.backend_port } else { vip.port };
+            vip.backends.iter().map(move |backend| Target {
+                key: TargetKey { vip: vip.name.clone(), backend: backend.address },
+                addr: vip.health.addr(backend.address, port),
+                config: vip.health.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The running balancer: its configuration, maps, and what was last observed.
+struct Balancing {
+    config: Config,
+    balancer: Balancer,
+    reconciler: Reconciler,
+    health: HealthView,
+    checker: HealthChecker,
+    started: Instant,
+    table_rebuilds: u64,
+    config_reloads: u64,
+    config_reload_failures: u64,
+    /// The table sizes, counted every `TABLE_COUNT_INTERVAL`.
+    table_counts: (u64, u64),
+    last_count: Option<Instant>,
+    previous: Option<(Instant, Status)>,
+}
+
+impl Balancing {
+    fn apply(&mut self, what: &str) -> Result<()> {
+        let desired = desired_state(&self.config, &self.health)?;
+        let changes = self.reconciler.apply(&desired, &mut self.balancer, Instant::now())?;
+        self.table_rebuilds += changes.tables_swapped as u64;
+        for (_, vip) in self.reconciler.vips() {
+            if changes.fail_open_changed > 0 && vip.fail_open {
+                warn!(vip = vip.name.as_str(), "every backend is down: failing open, all of them take traffic");
+            }
+        }
+        log_changes(what, &changes);
+        Ok(())
+    }
+
+    fn on_health(&mut self, event: HealthEvent) -> Result<()> {
+        // Events of targets removed by a reload may still be queued.
+        let known = self.config.vips.iter().any(|vip| {
+            vip.name == event.key.vip && vip.backends.iter().any(|b| b.address == event.key.backend)
+        });
+        if !known || event.transition.is_none() {
+            return Ok(());
+        }
+        self.health.insert(event.key, event.health);
+        self.apply("health changed")
+    }
+
+    /// Re-reads the configuration and applies what changed. Settings of the loaded program
+    /// (interface, mode, table sizes, pins) need a restart and are reported, not applied.
+    fn reload(&mut self, path: &Path) -> Result<()> {
+        let new = config::load(path)?;
+        desired_state(&new, &self.health)?;
+        if new.dataplane != self.config.dataplane || new.admin != self.config.admin {
+            warn!("[dataplane] and [admin] changes take effect when lb restarts");
+        }
+        self.config.vips = new.vips;
+        self.checker.set_targets(health_targets(&self.config));
+        self.apply("maps updated")?;
+        host::prime_neighbours(backend_addresses(&self.config));
+        info!(vips = self.config.vips.len(), "config reloaded");
+        Ok(())
+    }
+
+    fn status(&mut self) -> Result<Status> {
+        let now = Instant::now();
+        if self.last_count.is_none_or(|at| now.duration_since(at) >= TABLE_COUNT_INTERVAL) {
+            self.table_counts = (self.balancer.flow_count() as u64, self.balancer.nat_count() as u64);
+            self.last_count = Some(now);
+        }
+        let checks: BTreeMap<TargetKey, HealthState> = self.checker.snapshot().into_iter().collect();
+        let mut vips = Vec::new();
+        for vip in &self.config.vips {
+            let key = crate::reconcile::vip_key(vip.address, vip.port, vip.protocol.number());
+            let Some((_, state)) = self.reconciler.vips().find(|(k, _)| **k == key) else { continue };
+            let counters = self.balancer.vip_counters(state.info.id)?;
+            let mut backends = Vec::new();
+            for (address, backend) in &state.backends {
+                let counters = self.balancer.backend_counters(backend.id)?;
+                let share = state.table.iter().filter(|id| **id == backend.id).count() as f64 / MAGLEV_TABLE_SIZE as f64;
+                let target = TargetKey { vip: vip.name.clone(), backend: *address };
+                let check = checks.get(&target);
+                let health = match (vip.health.check == Check::None, check.map(HealthState::health)) {
+                    (true, _) => Health::Up,
+                    (false, Some(health)) => health,
+                    (false, None) => Health::Unknown,
+                };
+                backends.push(BackendStatus {
+                    address: address.to_string(),
+                    id: backend.id,
+                    weight: backend.weight,
+                    state: match backend.phase {
+                        BackendPhase::Active => "active",
+                        BackendPhase::Down => "down",
+                        BackendPhase::Draining(_) => "draining",
+                    }
+                    .into(),
+                    health: health.to_string(),
+                    table_share: share,
+                    packets: counters.packets,
+                    bytes: counters.bytes,
+                    new_flows: counters.new_flows,
+                    packets_per_second: 0.0,
+                    health_checks: check.map_or(0, HealthState::checks),
+                    health_transitions: check.map_or(0, HealthState::transitions),
+                    check_latency_seconds: check.and_then(HealthState::last_latency).map(|d| d.as_secs_f64()),
+                    last_check_error: check.and_then(HealthState::last_error).map(str::to_owned),
+                });
+            }
+            vips.push(VipStatus {
+                name: vip.name.clone(),
+                address: vip.address.to_string(),
+                port: vip.port,
+                protocol: format!("{:?}", vip.protocol).to_lowercase(),
+                forwarding: vip.forwarding.name().into(),
+                fail_open: state.fail_open,
+                packets: counters.packets,
+                bytes: counters.bytes,
+                new_flows: counters.new_flows,
+                packets_per_second: 0.0,
+                backends,
+            });
+        }
+        let reasons = self
+            .balancer
+            .reason_counts()?
+            .into_iter()
+            .map(|(reason, packets)| ReasonCount { reason: reason.name().into(), packets })
+            .collect();
+        let mut status = Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            interface: self.config.dataplane.interface.clone(),
+            xdp_mode: format!("{:?}", self.config.dataplane.xdp_mode).to_lowercase(),
+            uptime_seconds: now.duration_since(self.started).as_secs_f64(),
+            vips,
+            reasons,
+            conntrack_entries: self.table_counts.0,
+            nat_entries: self.table_counts.1,
+            table_rebuilds: self.table_rebuilds,
+            config_reloads: self.config_reloads,
+            config_reload_failures: self.config_reload_failures,
+        };
+        if let Some((at, previous)) = &self.previous {
+            add_rates(&mut status, previous, now.duration_since(*at).as_secs_f64());
+        }
+        self.previous = Some((now, status.clone()));
+        Ok(status)
+    }
+}
+
+/// Packets per second since the previous snapshot, per VIP and backend.
+fn add_rates(status: &mut Status, previous: &Status, seconds: f64) {
+    if seconds <= 0.0 {
+        return;
+    }
+    let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / seconds;
+    for vip in &mut status.vips {
+        let Some(old) = previous.vips.iter().find(|v| v.name == vip.name) else { continue };
+        vip.packets_per_second = rate(vip.packets, old.packets);
+        for backend in &mut vip.backends {
+            if let Some(before) = old.backends.iter().find(|b| b.id == backend.id && b.address == backend.address) {
+                backend.packets_per_second = rate(backend.packets, before.packets);
+            }
+        }
+    }
+}
+
 pub async fn run(config_path: &Path) -> Result<()> {
-    let mut config = config::load(config_path)?;
-    let desired = desired_state(&config)?;
+    let config = config::load(config_path)?;
+    let health = HealthView::new();
+    let desired = desired_state(&config, &health)?;
     let dataplane = &config.dataplane;
     host::enable_forwarding(&dataplane.interface)?;
-
     host::ensure_bpffs(&dataplane.pin_path)?;
+
     let adopting = has_pins(&dataplane.pin_path);
     let mut balancer = Balancer::load_pinned(dataplane.conntrack_entries, &dataplane.pin_path)?;
     let mut reconciler = if adopting {
@@ -115,31 +302,59 @@ pub async fn run(config_path: &Path) -> Result<()> {
         "data plane ready"
     );
 
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut checker = HealthChecker::new(events_tx);
+    checker.set_targets(health_targets(&config));
+    let (status_tx, status_rx) = watch::channel(Status::default());
+    let admin = async move { let _keep = status_rx; std::future::pending::<Result<()>>().await };
+    let mut admin = tokio::spawn(admin);
+    info!(listen = %config.admin.listen, "admin endpoint: /metrics /status /healthz");
+
+    let mut state = Balancing {
+        config,
+        balancer,
+        reconciler,
+        health,
+        checker,
+        started: Instant::now(),
+        table_rebuilds: changes.tables_swapped as u64,
+        config_reloads: 0,
+        config_reload_failures: 0,
+        table_counts: (0, 0),
+        last_count: None,
+        previous: None,
+    };
     let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut handover = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
     let mut tick = tokio::time::interval(TICK);
-    let mut detach = true;
     let mut neighbours = tokio::time::interval(NEIGHBOUR_REFRESH);
-    loop {
+    let detach = loop {
         tokio::select! {
-            _ = hangup.recv() => match reload(config_path, &config, &mut reconciler, &mut balancer) {
-                Ok(new) => config = new,
-                Err(err) => error!("config not reloaded, the running configuration stays: {err:#}"),
+            _ = hangup.recv() => match state.reload(config_path) {
+                Ok(()) => state.config_reloads += 1,
+                Err(err) => {
+                    state.config_reload_failures += 1;
+                    error!("config not reloaded, the running configuration stays: {err:#}");
+                }
             },
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
+            Some(event) = events.recv() => state.on_health(event)?,
+            _ = interrupt.recv() => break true,
+            _ = terminate.recv() => break true,
             // An upgrade: leave the data plane running for the next `lb run` to adopt.
-            _ = handover.recv() => {
-                detach = false;
-                break;
+            _ = handover.recv() => break false,
+            _ = tick.tick() => {
+                log_changes("drain finished", &state.reconciler.tick(&mut state.balancer, Instant::now())?);
+                let _ = status_tx.send(state.status()?);
             }
-            _ = tick.tick() => log_changes("drain finished", &reconciler.tick(&mut balancer, Instant::now())?),
-            _ = neighbours.tick() => host::prime_neighbours(backend_addresses(&config)),
+            _ = neighbours.tick() => host::prime_neighbours(backend_addresses(&state.config)),
+            result = &mut admin => bail!("the admin endpoint stopped: {:#}", result.map_err(anyhow::Error::from).and_then(|r| r).err().map_or("no error".into(), |e| format!("{e:#}"))),
         }
-    }
-    let counted: Vec<String> = balancer
+    };
+    admin.abort();
+    let counted: Vec<String> = state
+        .balancer
         .reason_counts()?
         .into_iter()
         .filter(|(_, count)| *count > 0)
@@ -147,31 +362,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .collect();
     if detach {
         info!(packets = counted.join(" "), "stopping: detaching the XDP program and removing the pins");
-        balancer.detach_and_unpin()?;
+        state.balancer.detach_and_unpin()?;
     } else {
-        info!(packets = counted.join(" "), pin_path = %config.dataplane.pin_path.display(), "handing over: the data plane keeps running");
+        info!(packets = counted.join(" "), pin_path = %state.config.dataplane.pin_path.display(), "handing over: the data plane keeps running");
     }
     Ok(())
-}
-
-/// Re-reads the configuration and applies what changed. Settings of the loaded program
-/// (interface, mode, table sizes) need a restart and are reported, not applied.
-fn reload(
-    path: &Path,
-    running: &Config,
-    reconciler: &mut Reconciler,
-    balancer: &mut Balancer,
-) -> Result<Config> {
-    let new = config::load(path)?;
-    if new.dataplane != running.dataplane {
-        warn!("[dataplane] settings changed; they take effect when lb restarts");
-    }
-    let changes = reconciler.apply(&desired_state(&new)?, balancer, Instant::now())?;
-    host::prime_neighbours(backend_addresses(&new));
-    log_changes("maps updated", &changes);
-    info!(vips = new.vips.len(), "config reloaded");
-    Ok(Config {
-        dataplane: running.dataplane.clone(),
-        vips: new.vips,
-    })
 }

@@ -111,6 +111,7 @@ impl DsrLab {
             protocol: Protocol::Tcp,
             forwarding,
             backends: self.backends.iter().map(|b| b.ip(family)).collect(),
+            extra: String::new(),
         }
     }
 

@@ -94,6 +94,8 @@ pub struct Vip {
     pub protocol: Protocol,
     pub forwarding: Forwarding,
     pub backends: Vec<IpAddr>,
+    /// More TOML for this VIP, after its discovery table (e.g. a `[vip.health]` table).
+    pub extra: String,
 }
 
 /// An `lb run` config file.
@@ -142,8 +144,9 @@ impl LbConfig {
             }
             let _ = write!(
                 toml,
-                "[vip.discovery]\nstatic = [{}]\n",
-                backends.join(", ")
+                "[vip.discovery]\nstatic = [{}]\n{}",
+                backends.join(", "),
+                vip.extra
             );
         }
         toml

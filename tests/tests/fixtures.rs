@@ -173,6 +173,7 @@ fn desired(service: &Service, backends: &[String]) -> DesiredVip {
             .map(|a| DesiredBackend {
                 address: a.parse().unwrap(),
                 weight: 1,
+                healthy: true,
             })
             .collect(),
         drain_timeout: Duration::from_secs(30),

@@ -802,6 +802,10 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
         assert_eq!(vip.forwarding, Forwarding::Ipip);
         assert_eq!(vip.gue_port, DEFAULT_GUE_PORT);
         assert_eq!(vip.drain_timeout, Duration::from_secs(30));
+        assert_eq!(vip.health.check, Check::Tcp, "TCP VIPs get TCP connect checks by default");
+        assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
+        assert_eq!(config.dataplane.snat_ports, PortRange { first: 40000, last: 59999 });
+        assert_eq!(config.dataplane.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
         assert_eq!(
             vip.backends[1],
             StaticBackend {
@@ -886,6 +890,23 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
                 "address = \"224.0.0.1\"",
                 "is not a unicast address",
             ),
+            // NAT settings only apply to NAT.
+            ("forwarding = \"ipip\"", "forwarding = \"ipip\"\nbackend_port = 8080", "lb.toml:11: VIP \"web\": backend_port only applies to forwarding = \"nat\""),
+            ("forwarding = \"ipip\"", "forwarding = \"ipip\"\nsnat_address = \"10.0.0.2\"", "snat_address only applies to forwarding = \"nat\""),
+            ("forwarding = \"ipip\"", "forwarding = \"nat\"\nsnat_address = \"fd00::2\"", "snat_address fd00::2 must be a unicast address of the VIP's family"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\nsnat_ports = \"100-200\"", "lb.toml:4: snat_ports = \"100-200\": expected 1024 <= FIRST <= LAST <= 65535"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\nsnat_ports = \"50000\"", "snat_ports = \"50000\": expected FIRST-LAST"),
+            ("interface = \"eth0\"", "interface = \"eth0\"\npin_path = \"bpf/lb\"", "lb.toml:4: pin_path = \"bpf/lb\" must be an absolute path"),
+            // Health checks.
+            ("[vip.discovery]", "[vip.health]\ncheck = \"ping\"\n[vip.discovery]", "VIP \"web\": health check \"ping\" is not one of tcp, http, none"),
+            ("[vip.discovery]", "[vip.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n[vip.discovery]", "lb.toml:11: VIP \"web\": health check timeout 2s must be longer than zero and shorter than the interval 1s"),
+            ("[vip.discovery]", "[vip.health]\nrise = 0\n[vip.discovery]", "VIP \"web\": "),
+            ("[vip.discovery]", "[vip.health]\ncheck = \"http\"\nexpect = \"500-200\"\n[vip.discovery]", "health expect = \"500-200\" is not a status range"),
+            ("[vip.discovery]", "[vip.health]\ncheck = \"http\"\npath = \"healthz\"\n[vip.discovery]", "VIP \"web\": "),
+            ("[vip.discovery]", "[vip.health]\nretries = 3\n[vip.discovery]", "unknown field `retries`"),
+            // The admin endpoint.
+            ("[[vip]]", "[admin]\nlisten = \"localhost\"\n\n[[vip]]", "lb.toml:6: admin listen = \"localhost\" is not an address:port"),
+            ("[[vip]]", "[admin]\ntoken = \"short\"\n\n[[vip]]", "admin token must be at least 16 characters"),
         ];
         for (from, to, expected) in cases {
             assert!(GOOD.contains(from), "fixture does not contain {from}");
@@ -895,6 +916,19 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
                 "for {to:?}\n  got:      {message}\n  expected: {expected}"
             );
         }
+    }
+
+    #[test]
+    fn nat_is_the_default_and_takes_its_settings() {
+        let nat = GOOD.replace("forwarding = \"ipip\"", "backend_port = 8080\nsnat_address = \"10.0.0.2\"\n[vip.health]\ncheck = \"http\"\npath = \"/healthz\"\nexpect = \"200\"\ninterval = \"500ms\"\ntimeout = \"200ms\"");
+        let config = parse_str(&nat).unwrap();
+        let vip = &config.vips[0];
+        assert_eq!(vip.forwarding, Forwarding::Nat);
+        assert_eq!((vip.backend_port, vip.snat_address), (8080, Some("10.0.0.2".parse().unwrap())));
+        assert_eq!(vip.health.check, Check::Http { path: "/healthz".into(), expect: 200..=200, host: None });
+        assert_eq!(vip.health.interval, Duration::from_millis(500));
+        let udp = GOOD.replace("protocol = \"tcp\"", "protocol = \"udp\"");
+        assert_eq!(parse_str(&udp).unwrap().vips[0].health.check, Check::None, "UDP VIPs are not checked by default");
     }
 
     #[test]

@@ -858,4 +858,43 @@ mod tests {
         second.apply(&[vip(&["10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5"])], &mut recorder, now).unwrap();
         assert_eq!(recorder.writes[0], Write::Backend(5, ACTIVE));
     }
+
+    fn with_health(mut desired: DesiredVip, down: &[&str]) -> DesiredVip {
+        for backend in &mut desired.backends {
+            backend.healthy = !down.contains(&backend.address.to_string().as_str());
+        }
+        desired
+    }
+
+    #[test]
+    fn a_failed_backend_leaves_the_table_and_its_flows_move() {
+        let mut reconciler = Reconciler::new();
+        let mut maps = Recorder::default();
+        let now = Instant::now();
+        let all = ["10.1.0.2", "10.1.0.3", "10.1.0.4"];
+        reconciler.apply(&[vip(&all)], &mut maps, now).unwrap();
+        maps.writes.clear();
+        let changes = reconciler.apply(&[with_health(vip(&all), &["10.1.0.3"])], &mut maps, now).unwrap();
+        assert_eq!(changes.backends_down, 1);
+        // Out of the new table first; only then marked down (its flows re-balance).
+        assert_eq!(maps.writes, vec![Write::Table(1), Write::Vip(0, 1), Write::Backend(2, backend_state::DOWN)]);
+        assert!(!maps.tables[&1].contains(&2));
+        // Healthy again: marked active before a table names it.
+        maps.writes.clear();
+        reconciler.apply(&[vip(&all)], &mut maps, now).unwrap();
+        assert_eq!(maps.writes, vec![Write::Backend(2, ACTIVE), Write::Table(0), Write::Vip(0, 0)]);
+    }
+
+    #[test]
+    fn every_backend_down_fails_open() {
+        let mut reconciler = Reconciler::new();
+        let mut maps = Recorder::default();
+        let all = ["10.1.0.2", "10.1.0.3"];
+        let changes = reconciler.apply(&[with_health(vip(&all), &all)], &mut maps, Instant::now()).unwrap();
+        assert_eq!(changes.fail_open_changed, 1);
+        let (_, state) = reconciler.vips().next().unwrap();
+        assert!(state.fail_open);
+        assert!(state.backends.values().all(|b| b.phase == BackendPhase::Active));
+        assert!(maps.tables[&0].contains(&1) && maps.tables[&0].contains(&2));
+    }
 }

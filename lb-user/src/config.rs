@@ -932,6 +932,13 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let example = include_str!("../../dist/lb.example.toml");
+        let config = parse(Path::new("dist/lb.example.toml"), example).unwrap();
+        assert_eq!(config.vips[0].forwarding, Forwarding::Nat);
+    }
+
+    #[test]
     fn duplicate_vips_are_rejected() {
         let second = GOOD.split("[[vip]]").nth(1).unwrap();
         let twice = format!(

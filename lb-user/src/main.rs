@@ -1,9 +1,15 @@
 //! `lb`: an XDP L4 load balancer with Maglev consistent hashing.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{
+    io::{IsTerminal as _, Write as _},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
-use lb_user::{backend_agent, config, dataplane};
+use lb_user::{backend_agent, config, dataplane, status_view};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -19,8 +25,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the balancer in the foreground: load and attach the XDP program, fill its maps from
-    /// the config. SIGHUP reloads the config; SIGINT/SIGTERM detach and exit.
+    /// Run the balancer in the foreground: load (or adopt) and attach the XDP program, fill its
+    /// maps from the config, health-check the backends, serve /metrics and /status. SIGHUP
+    /// reloads the config; SIGINT/SIGTERM detach and exit; SIGUSR2 exits leaving the data plane
+    /// running for the next `lb run` to adopt (upgrades).
     ///
     /// Example: lb run --config /etc/lb/lb.toml
     Run {
@@ -49,6 +57,24 @@ enum Command {
         gue_port: u16,
         #[arg(long, value_enum, default_value_t = XdpModeArg::Native)]
         xdp_mode: XdpModeArg,
+    },
+    /// Show what a running `lb run` does: VIPs, backends, health, traffic (from its admin
+    /// endpoint). The token may also come from LB_ADMIN_TOKEN, out of sight of `ps`.
+    ///
+    /// Example: lb status --watch 1
+    Status {
+        /// The admin endpoint: `[admin] listen` of the running config.
+        #[arg(long, value_name = "ADDR", default_value = config::DEFAULT_ADMIN_LISTEN)]
+        admin: SocketAddr,
+        /// `[admin] token` of the running config.
+        #[arg(long)]
+        token: Option<String>,
+        /// Print the snapshot as pretty JSON instead of tables.
+        #[arg(long, conflicts_with = "watch")]
+        json: bool,
+        /// Clear the screen and redraw every SECONDS, until interrupted.
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        watch: Option<u64>,
     },
     /// Load the embedded XDP programs and print their verified instruction counts and maps.
     Inspect,
@@ -102,6 +128,12 @@ async fn main() -> ExitCode {
             })
             .await
         }
+        Command::Status {
+            admin,
+            token,
+            json,
+            watch,
+        } => tokio::task::block_in_place(|| status(admin, token, json, watch)),
         Command::Inspect => dataplane::inspect().map(|report| print!("{report}")),
     };
     match result {
@@ -110,5 +142,46 @@ async fn main() -> ExitCode {
             eprintln!("lb: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `lb status`: blocking on purpose (one small GET at a time), hence `block_in_place`.
+fn status(
+    admin: SocketAddr,
+    token: Option<String>,
+    json: bool,
+    watch: Option<u64>,
+) -> anyhow::Result<()> {
+    let token = token.or_else(|| std::env::var("LB_ADMIN_TOKEN").ok());
+    let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let Some(seconds) = watch else {
+        let snapshot = status_view::fetch(admin, token.as_deref())?;
+        return if json {
+            emit(&format!("{}\n", serde_json::to_string_pretty(&snapshot)?))
+        } else {
+            emit(&status_view::render(&snapshot, color))
+        };
+    };
+    loop {
+        // A restarting `lb run` shows as an error line until it is back, rather than ending
+        // the watch.
+        let screen = match status_view::fetch(admin, token.as_deref()) {
+            Ok(snapshot) => status_view::render(&snapshot, color),
+            Err(err) => format!("lb: {err:#}\n"),
+        };
+        emit(&format!("\x1b[2J\x1b[H{screen}"))?;
+        std::thread::sleep(Duration::from_secs(seconds));
+    }
+}
+
+/// A closed pipe (`lb status --json | head`) means the reader is done, not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        result => Ok(result?),
     }
 }

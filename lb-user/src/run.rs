@@ -50,7 +50,11 @@ fn log_changes(what: &str, changes: &Changes) {
 }
 
 fn backend_addresses(config: &Config) -> Vec<IpAddr> {
-    config.vips.iter().flat_map(|vip| vip.backends.iter().map(|b| b.address)).collect()
+    config
+        .vips
+        .iter()
+        .flat_map(|vip| vip.backends.iter().map(|b| b.address))
+        .collect()
 }
 
 /// The health of every checked backend, as the checker last reported it.
@@ -63,18 +67,34 @@ fn desired_state(config: &Config, health: &HealthView) -> Result<Vec<DesiredVip>
     let interface = &config.dataplane.interface;
     let addresses = host::interface_addresses(interface)?;
     let default_snat = |vip: IpAddr| {
-        addresses.iter().copied().find(|a| a.is_ipv4() == vip.is_ipv4() && config::is_unicast(*a))
+        addresses
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv4() == vip.is_ipv4() && config::is_unicast(*a))
     };
-    let unchecked: Vec<&str> =
-        config.vips.iter().filter(|vip| vip.health.check == Check::None).map(|vip| vip.name.as_str()).collect();
+    let unchecked: Vec<&str> = config
+        .vips
+        .iter()
+        .filter(|vip| vip.health.check == Check::None)
+        .map(|vip| vip.name.as_str())
+        .collect();
     let healthy = |vip: &str, backend: IpAddr| {
         unchecked.contains(&vip)
-            || health.get(&TargetKey { vip: vip.to_owned(), backend }) == Some(&Health::Up)
+            || health.get(&TargetKey {
+                vip: vip.to_owned(),
+                backend,
+            }) == Some(&Health::Up)
     };
     let desired = desired_from_config(config, default_snat, healthy);
-    let nat: Vec<&DesiredVip> = desired.iter().filter(|vip| vip.mode == ForwardingMode::Nat).collect();
+    let nat: Vec<&DesiredVip> = desired
+        .iter()
+        .filter(|vip| vip.mode == ForwardingMode::Nat)
+        .collect();
     if let Some(vip) = nat.iter().find(|vip| vip.snat_address.is_none()) {
-        bail!("VIP \"{}\" uses nat but {interface} has no address of its family to use as source: set snat_address", vip.name);
+        bail!(
+            "VIP \"{}\" uses nat but {interface} has no address of its family to use as source: set snat_address",
+            vip.name
+        );
     }
     if !nat.is_empty() {
         let ephemeral = host::ephemeral_ports()?;
@@ -101,9 +121,16 @@ fn health_targets(config: &Config) -> Vec<Target> {
         .iter()
         .filter(|vip| vip.health.check != Check::None)
         .flat_map(|vip| {
-            let port = if vip.forwarding == config::Forwarding::Nat { vip.backend_port } else { vip.port };
+            let port = if vip.forwarding == config::Forwarding::Nat {
+                vip.backend_port
+            } else {
+                vip.port
+            };
             vip.backends.iter().map(move |backend| Target {
-                key: TargetKey { vip: vip.name.clone(), backend: backend.address },
+                key: TargetKey {
+                    vip: vip.name.clone(),
+                    backend: backend.address,
+                },
                 addr: vip.health.addr(backend.address, port),
                 config: vip.health.clone(),
             })
@@ -131,11 +158,16 @@ struct Balancing {
 impl Balancing {
     fn apply(&mut self, what: &str) -> Result<()> {
         let desired = desired_state(&self.config, &self.health)?;
-        let changes = self.reconciler.apply(&desired, &mut self.balancer, Instant::now())?;
+        let changes = self
+            .reconciler
+            .apply(&desired, &mut self.balancer, Instant::now())?;
         self.table_rebuilds += changes.tables_swapped as u64;
         for (_, vip) in self.reconciler.vips() {
             if changes.fail_open_changed > 0 && vip.fail_open {
-                warn!(vip = vip.name.as_str(), "every backend is down: failing open, all of them take traffic");
+                warn!(
+                    vip = vip.name.as_str(),
+                    "every backend is down: failing open, all of them take traffic"
+                );
             }
         }
         log_changes(what, &changes);
@@ -172,23 +204,39 @@ impl Balancing {
 
     fn status(&mut self) -> Result<Status> {
         let now = Instant::now();
-        if self.last_count.is_none_or(|at| now.duration_since(at) >= TABLE_COUNT_INTERVAL) {
-            self.table_counts = (self.balancer.flow_count() as u64, self.balancer.nat_count() as u64);
+        if self
+            .last_count
+            .is_none_or(|at| now.duration_since(at) >= TABLE_COUNT_INTERVAL)
+        {
+            self.table_counts = (
+                self.balancer.flow_count() as u64,
+                self.balancer.nat_count() as u64,
+            );
             self.last_count = Some(now);
         }
-        let checks: BTreeMap<TargetKey, HealthState> = self.checker.snapshot().into_iter().collect();
+        let checks: BTreeMap<TargetKey, HealthState> =
+            self.checker.snapshot().into_iter().collect();
         let mut vips = Vec::new();
         for vip in &self.config.vips {
             let key = crate::reconcile::vip_key(vip.address, vip.port, vip.protocol.number());
-            let Some((_, state)) = self.reconciler.vips().find(|(k, _)| **k == key) else { continue };
+            let Some((_, state)) = self.reconciler.vips().find(|(k, _)| **k == key) else {
+                continue;
+            };
             let counters = self.balancer.vip_counters(state.info.id)?;
             let mut backends = Vec::new();
             for (address, backend) in &state.backends {
                 let counters = self.balancer.backend_counters(backend.id)?;
-                let share = state.table.iter().filter(|id| **id == backend.id).count() as f64 / MAGLEV_TABLE_SIZE as f64;
-                let target = TargetKey { vip: vip.name.clone(), backend: *address };
+                let share = state.table.iter().filter(|id| **id == backend.id).count() as f64
+                    / MAGLEV_TABLE_SIZE as f64;
+                let target = TargetKey {
+                    vip: vip.name.clone(),
+                    backend: *address,
+                };
                 let check = checks.get(&target);
-                let health = match (vip.health.check == Check::None, check.map(HealthState::health)) {
+                let health = match (
+                    vip.health.check == Check::None,
+                    check.map(HealthState::health),
+                ) {
                     (true, _) => Health::Up,
                     (false, Some(health)) => health,
                     (false, None) => Health::Unknown,
@@ -211,7 +259,9 @@ impl Balancing {
                     packets_per_second: 0.0,
                     health_checks: check.map_or(0, HealthState::checks),
                     health_transitions: check.map_or(0, HealthState::transitions),
-                    check_latency_seconds: check.and_then(HealthState::last_latency).map(|d| d.as_secs_f64()),
+                    check_latency_seconds: check
+                        .and_then(HealthState::last_latency)
+                        .map(|d| d.as_secs_f64()),
                     last_check_error: check.and_then(HealthState::last_error).map(str::to_owned),
                 });
             }
@@ -233,7 +283,10 @@ impl Balancing {
             .balancer
             .reason_counts()?
             .into_iter()
-            .map(|(reason, packets)| ReasonCount { reason: reason.name().into(), packets })
+            .map(|(reason, packets)| ReasonCount {
+                reason: reason.name().into(),
+                packets,
+            })
             .collect();
         let mut status = Status {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -263,10 +316,16 @@ fn add_rates(status: &mut Status, previous: &Status, seconds: f64) {
     }
     let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / seconds;
     for vip in &mut status.vips {
-        let Some(old) = previous.vips.iter().find(|v| v.name == vip.name) else { continue };
+        let Some(old) = previous.vips.iter().find(|v| v.name == vip.name) else {
+            continue;
+        };
         vip.packets_per_second = rate(vip.packets, old.packets);
         for backend in &mut vip.backends {
-            if let Some(before) = old.backends.iter().find(|b| b.id == backend.id && b.address == backend.address) {
+            if let Some(before) = old
+                .backends
+                .iter()
+                .find(|b| b.id == backend.id && b.address == backend.address)
+            {
                 backend.packets_per_second = rate(backend.packets, before.packets);
             }
         }
@@ -306,9 +365,14 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut checker = HealthChecker::new(events_tx);
     checker.set_targets(health_targets(&config));
     let (status_tx, status_rx) = watch::channel(Status::default());
-    let admin = async move { let _keep = status_rx; std::future::pending::<Result<()>>().await };
+    let admin = crate::admin::serve(
+        crate::admin::AdminConfig {
+            listen: config.admin.listen,
+            token: config.admin.token.clone(),
+        },
+        status_rx,
+    );
     let mut admin = tokio::spawn(admin);
-    info!(listen = %config.admin.listen, "admin endpoint: /metrics /status /healthz");
 
     let mut state = Balancing {
         config,
@@ -361,7 +425,10 @@ pub async fn run(config_path: &Path) -> Result<()> {
         .map(|(reason, count)| format!("{}={count}", reason.name()))
         .collect();
     if detach {
-        info!(packets = counted.join(" "), "stopping: detaching the XDP program and removing the pins");
+        info!(
+            packets = counted.join(" "),
+            "stopping: detaching the XDP program and removing the pins"
+        );
         state.balancer.detach_and_unpin()?;
     } else {
         info!(packets = counted.join(" "), pin_path = %state.config.dataplane.pin_path.display(), "handing over: the data plane keeps running");

@@ -33,10 +33,17 @@ impl ControlLab {
     fn new() -> Result<Self> {
         let lab = DsrLab::new()?;
         for backend in &lab.backends {
-            backend.ns.run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
+            backend
+                .ns
+                .run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
         }
-        lab.balancer.ns.run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 39999"])?;
-        let mut control = ControlLab { lab, servers: BTreeMap::new() };
+        lab.balancer
+            .ns
+            .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 39999"])?;
+        let mut control = ControlLab {
+            lab,
+            servers: BTreeMap::new(),
+        };
         for name in ["b1", "b2", "b3"] {
             control.start_server(name)?;
         }
@@ -44,7 +51,12 @@ impl ControlLab {
     }
 
     fn start_server(&mut self, name: &str) -> Result<()> {
-        let backend = self.lab.backends.iter().find(|b| b.name == name).expect("backend");
+        let backend = self
+            .lab
+            .backends
+            .iter()
+            .find(|b| b.name == name)
+            .expect("backend");
         let server = spawn_tcp_server(&backend.ns, IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT, name)?;
         self.servers.insert(name.into(), Some(server));
         Ok(())
@@ -78,7 +90,12 @@ impl ControlLab {
     }
 
     fn connect(&self) -> Result<TcpSession> {
-        TcpSession::connect(&self.lab.client.ns, vip_address(Family::V4), PORT, Duration::from_secs(2))
+        TcpSession::connect(
+            &self.lab.client.ns,
+            vip_address(Family::V4),
+            PORT,
+            Duration::from_secs(2),
+        )
     }
 
     fn burst(&self, n: usize) -> Result<lab::Tally> {
@@ -94,7 +111,10 @@ fn wait_for_backends(lab: &ControlLab, names: &[&str], within: Duration) -> Resu
         if names.iter().all(|n| tally.per_name.contains_key(*n)) && tally.failures == 0 {
             return Ok(());
         }
-        ensure!(Instant::now() < deadline, "backends {names:?} did not all answer: {tally}");
+        ensure!(
+            Instant::now() < deadline,
+            "backends {names:?} did not all answer: {tally}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -122,21 +142,34 @@ fn a_dead_backend_is_taken_out_and_rejoins_after_rise_checks() -> Result<()> {
             early_failures += tally.failures;
         }
     }
-    println!("b1 killed: {early_failures} connections failed before the deadline ({DETECTION:?}), {} after", late_failures.len());
-    ensure!(late_failures.is_empty() && late_b1 == 0, "after {DETECTION:?}: {late_failures:?}, b1 answered {late_b1}");
-    balancer.process.wait_for_line("backend is down", Duration::from_secs(1))?;
+    println!(
+        "b1 killed: {early_failures} connections failed before the deadline ({DETECTION:?}), {} after",
+        late_failures.len()
+    );
+    ensure!(
+        late_failures.is_empty() && late_b1 == 0,
+        "after {DETECTION:?}: {late_failures:?}, b1 answered {late_b1}"
+    );
+    balancer
+        .process
+        .wait_for_line("backend is down", Duration::from_secs(1))?;
 
     // Back up: it rejoins after `rise` passing checks.
     let restarted = Instant::now();
     lab.start_server("b1")?;
     wait_for_backends(&lab, &["b1", "b2", "b3"], Duration::from_secs(5))?;
-    println!("b1 restarted: answering again after {:?}", restarted.elapsed());
+    println!(
+        "b1 restarted: answering again after {:?}",
+        restarted.elapsed()
+    );
 
     // Everything down: the VIP fails open and says so.
     for name in ["b1", "b2", "b3"] {
         lab.kill_server(name);
     }
-    balancer.process.wait_for_line("failing open", DETECTION + Duration::from_secs(2))?;
+    balancer
+        .process
+        .wait_for_line("failing open", DETECTION + Duration::from_secs(2))?;
     Ok(())
 }
 
@@ -150,7 +183,10 @@ fn long_lived(lab: &ControlLab) -> Result<(TcpSession, String)> {
 fn still_same(session: &mut TcpSession, name: &str, when: &str) -> Result<()> {
     for _ in 0..3 {
         let answer = session.request()?;
-        ensure!(answer == name, "{when}: the long-lived connection moved from {name} to {answer}");
+        ensure!(
+            answer == name,
+            "{when}: the long-lived connection moved from {name} to {answer}"
+        );
     }
     Ok(())
 }
@@ -170,28 +206,52 @@ fn a_long_lived_connection_survives_reloads_draining_and_restarts() -> Result<()
 
     // (b) Draining a backend other than its own: new connections avoid it, this one stays.
     let other = ["b1", "b2", "b3"].into_iter().find(|n| *n != name).unwrap();
-    let remaining: Vec<&str> = ["b1", "b2", "b3"].into_iter().filter(|n| *n != other).collect();
+    let remaining: Vec<&str> = ["b1", "b2", "b3"]
+        .into_iter()
+        .filter(|n| *n != other)
+        .collect();
     balancer.reload(&lab.config(&remaining))?;
     let tally = lab.burst(100)?;
-    ensure!(tally.failures == 0 && !tally.per_name.contains_key(other), "while {other} drains: {tally}");
+    ensure!(
+        tally.failures == 0 && !tally.per_name.contains_key(other),
+        "while {other} drains: {tally}"
+    );
     still_same(&mut session, &name, &format!("while {other} drains"))?;
 
     // (c) lb crashes: the data plane keeps forwarding on its own...
     balancer.process.signal(libc::SIGKILL)?;
     balancer.process.wait_exit(Duration::from_secs(5))?;
     still_same(&mut session, &name, "with lb dead")?;
-    ensure!(lab.burst(30)?.failures == 0, "new connections fail while lb is dead");
+    ensure!(
+        lab.burst(30)?.failures == 0,
+        "new connections fail while lb is dead"
+    );
     // ...and a new process adopts it.
     let final_config = lab.config(&remaining);
     let mut balancer = restart(&lab, &final_config)?;
-    ensure!(balancer.process.log().contains("adopting the running data plane"), "the new lb did not adopt the data plane");
+    ensure!(
+        balancer
+            .process
+            .log()
+            .contains("adopting the running data plane"),
+        "the new lb did not adopt the data plane"
+    );
     still_same(&mut session, &name, "after a restart following a crash")?;
 
     // (d) An upgrade: SIGUSR2 hands the data plane over to the next process.
     balancer.process.signal(libc::SIGUSR2)?;
-    ensure!(balancer.process.wait_exit(Duration::from_secs(5))?.success(), "lb did not exit cleanly on SIGUSR2");
+    ensure!(
+        balancer
+            .process
+            .wait_exit(Duration::from_secs(5))?
+            .success(),
+        "lb did not exit cleanly on SIGUSR2"
+    );
     let mut balancer = restart(&lab, &final_config)?;
-    ensure!(balancer.process.log().contains("replaced in place"), "the program was not replaced in place");
+    ensure!(
+        balancer.process.log().contains("replaced in place"),
+        "the program was not replaced in place"
+    );
     still_same(&mut session, &name, "after a hand-over")?;
     let tally = lab.burst(100)?;
     ensure!(tally.failures == 0, "after the hand-over: {tally}");
@@ -200,7 +260,10 @@ fn a_long_lived_connection_survives_reloads_draining_and_restarts() -> Result<()
     lab::shutdown(&mut balancer.process)?;
     // (The bpffs itself shows the kernel's maps.debug and progs.debug: not ours.)
     let pins: Vec<_> = walk(&lab.lab.lab.bpffs().join("lb"));
-    ensure!(pins.is_empty() && !lab.lab.lab.bpffs().join("lb").exists(), "left after a clean stop: {pins:?}");
+    ensure!(
+        pins.is_empty() && !lab.lab.lab.bpffs().join("lb").exists(),
+        "left after a clean stop: {pins:?}"
+    );
     Ok(())
 }
 
@@ -211,7 +274,11 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .flatten()
         .flat_map(|entry| {
             let path = entry.path();
-            if path.is_dir() { walk(&path) } else { vec![path] }
+            if path.is_dir() {
+                walk(&path)
+            } else {
+                vec![path]
+            }
         })
         .collect()
 }

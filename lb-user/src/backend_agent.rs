@@ -35,6 +35,9 @@ fn decap_key(address: IpAddr, role: u8) -> DecapKey {
 }
 
 pub async fn run(options: BackendOptions) -> Result<()> {
+    // Before anything is changed: a stop request during set-up must still undo it.
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let interface = options.interface.as_str();
     let mut decap = Decap::load()?;
     decap.write_settings(&DecapSettings {
@@ -66,8 +69,6 @@ pub async fn run(options: BackendOptions) -> Result<()> {
     decap.attach(interface, options.xdp_mode)?;
     info!(interface, vips = ?options.vips, host_addresses = ?host_addresses, gue_port = options.gue_port, "decap ready");
 
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = terminate.recv() => {}

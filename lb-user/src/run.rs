@@ -333,6 +333,12 @@ fn add_rates(status: &mut Status, previous: &Status, seconds: f64) {
 }
 
 pub async fn run(config_path: &Path) -> Result<()> {
+    // First of all: a signal that arrives while starting must not take the default action
+    // (SIGHUP would kill the process before "data plane ready" is even read).
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut handover = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
     let config = config::load(config_path)?;
     let health = HealthView::new();
     let desired = desired_state(&config, &health)?;
@@ -388,10 +394,6 @@ pub async fn run(config_path: &Path) -> Result<()> {
         last_count: None,
         previous: None,
     };
-    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut handover = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
     let mut tick = tokio::time::interval(TICK);
     let mut neighbours = tokio::time::interval(NEIGHBOUR_REFRESH);
     let detach = loop {

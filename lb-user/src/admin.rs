@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 use tracing::{debug, info, warn};
 
-use crate::status::Status;
+use crate::status::{DiscoveryStatus, Status};
 
 /// More would only come from a misbehaving client; each costs the balancer a descriptor.
 const MAX_CONNECTIONS: usize = 64;
@@ -366,6 +366,25 @@ pub fn render_metrics(status: &Status) -> String {
         "Configuration reloads rejected (the running configuration stays).",
         status.config_reload_failures,
     );
+    let discovery: [(&str, Kind, &str, fn(&DiscoveryStatus) -> u64); 4] = [
+        ("lb_discovery_refreshes_total", Kind::Counter, "Discovery refreshes attempted.", |d| d.refreshes),
+        (
+            "lb_discovery_failures_total",
+            Kind::Counter,
+            "Discovery refreshes that kept the last good backends (API errors, throttling, empty answers).",
+            |d| d.failures,
+        ),
+        ("lb_discovery_consecutive_failures", Kind::Gauge, "Failed refreshes since the last good one.", |d| {
+            d.consecutive_failures
+        }),
+        ("lb_discovery_backends", Kind::Gauge, "Backends in the last good discovery answer.", |d| d.backends),
+    ];
+    for (name, kind, help, value) in discovery {
+        out.family(name, kind, help);
+        for source in &status.discovery {
+            out.sample(name, &labels(&[("vip", &source.vip)]), value(source));
+        }
+    }
     out.single(
         "lb_uptime_seconds",
         Kind::Gauge,
@@ -505,7 +524,7 @@ pub(crate) mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
-    use crate::status::{BackendStatus, ReasonCount, VipStatus};
+    use crate::status::{BackendStatus, DiscoveryStatus, ReasonCount, VipStatus};
 
     pub(crate) fn sample_status() -> Status {
         Status {
@@ -624,6 +643,15 @@ pub(crate) mod tests {
             table_rebuilds: 12,
             config_reloads: 2,
             config_reload_failures: 1,
+            discovery: vec![DiscoveryStatus {
+                vip: "web".into(),
+                source: "ec2 us-east-1 tags lb-pool=web".into(),
+                backends: 3,
+                refreshes: 10,
+                failures: 2,
+                consecutive_failures: 0,
+                refused: 1,
+            }],
         }
     }
 
@@ -843,6 +871,10 @@ pub(crate) mod tests {
                 "lb_table_rebuilds_total",
                 "lb_config_reloads_total",
                 "lb_config_reload_failures_total",
+                "lb_discovery_refreshes_total",
+                "lb_discovery_failures_total",
+                "lb_discovery_consecutive_failures",
+                "lb_discovery_backends",
                 "lb_uptime_seconds",
                 "lb_build_info",
             ]
@@ -952,7 +984,7 @@ pub(crate) mod tests {
     #[test]
     fn an_empty_status_still_documents_every_family() {
         let families = parse(&render_metrics(&Status::default())).unwrap();
-        assert_eq!(families.len(), 23);
+        assert_eq!(families.len(), 27);
         let vip_packets = &families[0].1;
         assert!(vip_packets.samples.is_empty());
     }

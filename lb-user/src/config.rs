@@ -13,7 +13,10 @@ use std::{
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::health::{Check, DEFAULT_HTTP_EXPECT, HealthConfig};
+use crate::{
+    discovery::ec2::Ec2Config,
+    health::{Check, DEFAULT_HTTP_EXPECT, HealthConfig},
+};
 use lb_common::{ForwardingMode, MAX_BACKENDS, MAX_VIPS};
 use serde::Deserialize;
 use toml::Spanned;
@@ -174,7 +177,10 @@ pub struct Vip {
     pub backend_port: u16,
     /// The source address of NATed packets; `None`: the interface's primary address.
     pub snat_address: Option<IpAddr>,
+    /// The static list; for EC2 discovery, what the last good refresh found.
     pub backends: Vec<StaticBackend>,
+    /// Discover the backends from EC2 instead of the static list.
+    pub ec2: Option<Ec2Config>,
     /// How long a removed backend keeps its established flows.
     pub drain_timeout: Duration,
     pub health: HealthConfig,
@@ -272,7 +278,7 @@ struct RawVip {
     gue_port: Option<Spanned<u16>>,
     backend_port: Option<Spanned<u16>>,
     snat_address: Option<Spanned<String>>,
-    discovery: RawDiscovery,
+    discovery: Spanned<RawDiscovery>,
     #[serde(default)]
     drain: RawDrain,
     health: Option<Spanned<RawHealth>>,
@@ -286,7 +292,19 @@ fn default_forwarding() -> Spanned<Forwarding> {
 #[serde(deny_unknown_fields)]
 struct RawDiscovery {
     #[serde(rename = "static")]
-    static_backends: Vec<Spanned<RawBackend>>,
+    static_backends: Option<Vec<Spanned<RawBackend>>>,
+    ec2: Option<Spanned<RawEc2>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEc2 {
+    region: String,
+    tags: std::collections::BTreeMap<String, String>,
+    vpc_id: Option<String>,
+    refresh: Option<Spanned<String>>,
+    endpoint_url: Option<String>,
+    weight_tag: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -603,9 +621,17 @@ impl Checker<'_> {
             Some(port) => *port.get_ref(),
             None => DEFAULT_GUE_PORT,
         };
-        let mut backends = Vec::with_capacity(raw.discovery.static_backends.len());
+        let discovery = raw.discovery.get_ref();
+        let (static_backends, ec2) = match (&discovery.static_backends, &discovery.ec2) {
+            (Some(list), None) => (list.as_slice(), None),
+            (None, Some(ec2)) => (&[][..], Some(self.ec2(ec2, &name)?)),
+            _ => {
+                return Err(self.at(&raw.discovery, format!("VIP \"{name}\": [vip.discovery] needs exactly one of static = [...] or ec2 = {{ ... }}")));
+            }
+        };
+        let mut backends = Vec::with_capacity(static_backends.len());
         let mut seen = HashSet::new();
-        for entry in &raw.discovery.static_backends {
+        for entry in static_backends {
             let backend = self.backend(entry, &name, address)?;
             if !seen.insert(backend.address) {
                 return Err(self.at(
@@ -636,7 +662,23 @@ impl Checker<'_> {
             backends,
             drain_timeout,
             health,
+            ec2,
         })
+    }
+
+    fn ec2(&self, spanned: &Spanned<RawEc2>, vip: &str) -> Result<Ec2Config, ConfigError> {
+        let raw = spanned.get_ref();
+        if raw.region.trim().is_empty() || raw.tags.is_empty() {
+            return Err(self.at(spanned, format!("VIP \"{vip}\": ec2 discovery needs a region and at least one tag (without a tag it would take every instance)")));
+        }
+        let mut config = Ec2Config::new(raw.region.clone(), raw.tags.clone());
+        config.vpc_id.clone_from(&raw.vpc_id);
+        config.endpoint_url.clone_from(&raw.endpoint_url);
+        if let Some(tag) = &raw.weight_tag {
+            config.weight_tag.clone_from(tag);
+        }
+        config.refresh = self.duration(raw.refresh.as_ref(), config.refresh, "ec2 refresh")?;
+        Ok(config)
     }
 
     /// `[vip.health]`. Without it, TCP VIPs get TCP connect checks and UDP VIPs none (a UDP
@@ -929,6 +971,26 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
         assert_eq!(vip.health.interval, Duration::from_millis(500));
         let udp = GOOD.replace("protocol = \"tcp\"", "protocol = \"udp\"");
         assert_eq!(parse_str(&udp).unwrap().vips[0].health.check, Check::None, "UDP VIPs are not checked by default");
+    }
+
+    #[test]
+    fn ec2_discovery_replaces_the_static_list() {
+        let ec2 = GOOD.replace(
+            "static = [\"10.1.0.2\", { address = \"10.1.0.3\", weight = 2 }]",
+            "ec2 = { region = \"eu-west-1\", tags = { \"lb-pool\" = \"web\" }, vpc_id = \"vpc-1\", refresh = \"5s\", endpoint_url = \"http://127.0.0.1:5000\" }",
+        );
+        let vip = &parse_str(&ec2).unwrap().vips[0];
+        let ec2 = vip.ec2.as_ref().expect("ec2 discovery");
+        assert!(vip.backends.is_empty());
+        assert_eq!((ec2.region.as_str(), ec2.vpc_id.as_deref()), ("eu-west-1", Some("vpc-1")));
+        assert_eq!(ec2.tags.get("lb-pool").map(String::as_str), Some("web"));
+        assert_eq!(ec2.refresh, Duration::from_secs(5));
+        assert_eq!(ec2.weight_tag, "lb-weight");
+
+        let both = GOOD.replace("static = [", "ec2 = { region = \"r\", tags = { a = \"b\" } }\nstatic = [");
+        assert!(error_of(&both).contains("lb.toml:11: VIP \"web\": [vip.discovery] needs exactly one of static"), "{}", error_of(&both));
+        let untagged = GOOD.replace("static = [\"10.1.0.2\", { address = \"10.1.0.3\", weight = 2 }]", "ec2 = { region = \"r\", tags = {} }");
+        assert!(error_of(&untagged).contains("needs a region and at least one tag"));
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod backend_agent;
 pub mod config;
 pub mod dataplane;
+pub mod discovery;
 pub mod health;
 pub mod host;
 pub mod maglev;

@@ -21,10 +21,11 @@ use tracing::{error, info, warn};
 use crate::{
     config::{self, Config},
     dataplane::{Balancer, has_pins, settings_from_config},
+    discovery::{self, DiscoveredBackend, InstanceState, KeepLastGood, Refresh, ec2::Ec2Discovery},
     health::{Check, Health, HealthChecker, HealthEvent, HealthState, Target, TargetKey},
     host,
     reconcile::{BackendPhase, Changes, DesiredVip, Reconciler, desired_from_config},
-    status::{BackendStatus, ReasonCount, Status, VipStatus},
+    status::{BackendStatus, DiscoveryStatus, ReasonCount, Status, VipStatus},
 };
 
 /// How often drain timers are checked and the status snapshot is refreshed.
@@ -138,6 +139,53 @@ fn health_targets(config: &Config) -> Vec<Target> {
         .collect()
 }
 
+/// What a discovery task reports after each refresh.
+struct DiscoveryReport {
+    vip: String,
+    /// The last good answer; `None` after a failed refresh (the set stays as it was).
+    backends: Option<Vec<DiscoveredBackend>>,
+    status: DiscoveryStatus,
+}
+
+/// One task per VIP with EC2 discovery: refreshes with jitter, keeps the last good answer.
+fn spawn_discovery(config: &Config, reports: &mpsc::UnboundedSender<DiscoveryReport>) -> Vec<tokio::task::JoinHandle<()>> {
+    let vips = config.vips.iter().filter_map(|vip| Some((vip.name.clone(), vip.address, vip.ec2.clone()?)));
+    vips.map(|(vip, address, ec2)| {
+        let reports = reports.clone();
+        tokio::spawn(async move {
+            let source = loop {
+                match Ec2Discovery::new(ec2.clone()).await {
+                    Ok(source) => break source,
+                    Err(err) => {
+                        error!(vip = vip.as_str(), "cannot set up EC2 discovery, retrying: {err:#}");
+                        tokio::time::sleep(discovery::jittered(ec2.refresh)).await;
+                    }
+                }
+            };
+            let mut pool = KeepLastGood::new(source, [address]);
+            loop {
+                let refresh = pool.refresh().await;
+                let backends = (!matches!(refresh, Refresh::Failed { .. })).then(|| pool.current().to_vec());
+                let stats = pool.stats();
+                let status = DiscoveryStatus {
+                    vip: vip.clone(),
+                    source: discovery::Discovery::describe(pool.discovery()),
+                    backends: pool.current().len() as u64,
+                    refreshes: stats.refreshes,
+                    failures: stats.failures,
+                    consecutive_failures: stats.consecutive_failures,
+                    refused: stats.refused,
+                };
+                if reports.send(DiscoveryReport { vip: vip.clone(), backends, status }).is_err() {
+                    return;
+                }
+                tokio::time::sleep(discovery::jittered(ec2.refresh)).await;
+            }
+        })
+    })
+    .collect()
+}
+
 /// The running balancer: its configuration, maps, and what was last observed.
 struct Balancing {
     config: Config,
@@ -153,6 +201,9 @@ struct Balancing {
     table_counts: (u64, u64),
     last_count: Option<Instant>,
     previous: Option<(Instant, Status)>,
+    discovery: BTreeMap<String, DiscoveryStatus>,
+    discovery_tasks: Vec<tokio::task::JoinHandle<()>>,
+    discovery_reports: mpsc::UnboundedSender<DiscoveryReport>,
 }
 
 impl Balancing {
@@ -186,6 +237,31 @@ impl Balancing {
         self.apply("health changed")
     }
 
+    /// A discovery refresh: the VIP's backends become the running instances it found; instances
+    /// going away (stopping, shutting down) and vanished ones drain.
+    fn on_discovery(&mut self, report: DiscoveryReport) -> Result<()> {
+        self.discovery.insert(report.vip.clone(), report.status);
+        let Some(found) = report.backends else { return Ok(()) };
+        let Some(vip) = self.config.vips.iter_mut().find(|vip| vip.name == report.vip && vip.ec2.is_some()) else {
+            return Ok(());
+        };
+        let mut backends: Vec<config::StaticBackend> = found
+            .iter()
+            .filter(|b| b.state == InstanceState::Running)
+            .map(|b| config::StaticBackend { address: b.address, weight: b.weight })
+            .collect();
+        backends.sort_by_key(|b| b.address);
+        backends.dedup_by_key(|b| b.address);
+        if backends == vip.backends {
+            return Ok(());
+        }
+        info!(vip = report.vip.as_str(), backends = backends.len(), "discovered backends changed");
+        vip.backends = backends;
+        self.checker.set_targets(health_targets(&self.config));
+        host::prime_neighbours(backend_addresses(&self.config));
+        self.apply("discovery changed")
+    }
+
     /// Re-reads the configuration and applies what changed. Settings of the loaded program
     /// (interface, mode, table sizes, pins) need a restart and are reported, not applied.
     fn reload(&mut self, path: &Path) -> Result<()> {
@@ -194,7 +270,19 @@ impl Balancing {
         if new.dataplane != self.config.dataplane || new.admin != self.config.admin {
             warn!("[dataplane] and [admin] changes take effect when lb restarts");
         }
-        self.config.vips = new.vips;
+        let mut vips = new.vips;
+        // Discovered pools keep what their source last said until it answers again.
+        for vip in vips.iter_mut().filter(|vip| vip.ec2.is_some()) {
+            if let Some(old) = self.config.vips.iter().find(|old| old.name == vip.name && old.ec2 == vip.ec2) {
+                vip.backends.clone_from(&old.backends);
+            }
+        }
+        self.config.vips = vips;
+        for task in self.discovery_tasks.drain(..) {
+            task.abort();
+        }
+        self.discovery_tasks = spawn_discovery(&self.config, &self.discovery_reports);
+        self.discovery.retain(|vip, _| self.config.vips.iter().any(|v| &v.name == vip && v.ec2.is_some()));
         self.checker.set_targets(health_targets(&self.config));
         self.apply("maps updated")?;
         host::prime_neighbours(backend_addresses(&self.config));
@@ -300,6 +388,7 @@ impl Balancing {
             table_rebuilds: self.table_rebuilds,
             config_reloads: self.config_reloads,
             config_reload_failures: self.config_reload_failures,
+            discovery: self.discovery.values().cloned().collect(),
         };
         if let Some((at, previous)) = &self.previous {
             add_rates(&mut status, previous, now.duration_since(*at).as_secs_f64());
@@ -380,7 +469,12 @@ pub async fn run(config_path: &Path) -> Result<()> {
     );
     let mut admin = tokio::spawn(admin);
 
+    let (discovery_reports, mut discovery_rx) = mpsc::unbounded_channel();
+    let discovery_tasks = spawn_discovery(&config, &discovery_reports);
     let mut state = Balancing {
+        discovery: BTreeMap::new(),
+        discovery_tasks,
+        discovery_reports,
         config,
         balancer,
         reconciler,
@@ -406,6 +500,7 @@ pub async fn run(config_path: &Path) -> Result<()> {
                 }
             },
             Some(event) = events.recv() => state.on_health(event)?,
+            Some(report) = discovery_rx.recv() => state.on_discovery(report)?,
             _ = interrupt.recv() => break true,
             _ = terminate.recv() => break true,
             // An upgrade: leave the data plane running for the next `lb run` to adopt.

@@ -23,6 +23,24 @@ pub struct Status {
     pub table_rebuilds: u64,
     pub config_reloads: u64,
     pub config_reload_failures: u64,
+    /// EC2 discovery, per VIP that uses it.
+    #[serde(default)]
+    pub discovery: Vec<DiscoveryStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DiscoveryStatus {
+    pub vip: String,
+    /// What the source selects, e.g. `ec2 us-east-1 tags lb-pool=web`.
+    pub source: String,
+    /// Backends in the last good answer.
+    pub backends: u64,
+    pub refreshes: u64,
+    /// Refreshes that kept the last good set (API errors, throttling, an empty answer).
+    pub failures: u64,
+    pub consecutive_failures: u64,
+    /// Backends refused (outside the VPC, loopback, the VIP itself, ...).
+    pub refused: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

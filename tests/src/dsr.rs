@@ -112,6 +112,7 @@ impl DsrLab {
             forwarding,
             backends: self.backends.iter().map(|b| b.ip(family)).collect(),
             extra: String::new(),
+            discovery: None,
         }
     }
 

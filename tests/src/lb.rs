@@ -96,6 +96,8 @@ pub struct Vip {
     pub backends: Vec<IpAddr>,
     /// More TOML for this VIP, after its discovery table (e.g. a `[vip.health]` table).
     pub extra: String,
+    /// The body of `[vip.discovery]` instead of `static = [backends]` (e.g. `ec2 = {...}`).
+    pub discovery: Option<String>,
 }
 
 /// An `lb run` config file.
@@ -142,12 +144,8 @@ impl LbConfig {
             if let Forwarding::Gue { port } = vip.forwarding {
                 let _ = writeln!(toml, "gue_port = {port}");
             }
-            let _ = write!(
-                toml,
-                "[vip.discovery]\nstatic = [{}]\n{}",
-                backends.join(", "),
-                vip.extra
-            );
+            let discovery = vip.discovery.clone().unwrap_or_else(|| format!("static = [{}]", backends.join(", ")));
+            let _ = write!(toml, "[vip.discovery]\n{discovery}\n{}", vip.extra);
         }
         toml
     }

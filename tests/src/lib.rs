@@ -11,6 +11,7 @@ mod client;
 mod dsr;
 mod lab;
 mod lb;
+mod moto;
 mod netns;
 mod process;
 mod server;
@@ -27,6 +28,7 @@ pub use lb::{
     Balancer, DECAP_READY_LINE, Forwarding, LbConfig, Protocol, READY_LINE, READY_TIMEOUT,
     RELOADED_LINE, Vip, XdpMode, lb_binary, shutdown, start_decap,
 };
+pub use moto::{MOTO_REGION, MOTO_VERSION, MotoEc2, MotoServer, Subnet};
 pub use netns::{Netns, Ns, in_netns, namespaces_with_prefix};
 pub use process::ChildGuard;
 pub use server::{ServerGuard, spawn_tcp_server, spawn_udp_server};

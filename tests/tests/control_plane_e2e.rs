@@ -85,6 +85,7 @@ impl ControlLab {
                 "[vip.health]\ncheck = \"tcp\"\ninterval = \"{INTERVAL_MS}ms\"\ntimeout = \"200ms\"\n\
                  rise = {RISE}\nfall = {FALL}\n[vip.drain]\ntimeout = \"60s\"\n"
             ),
+            discovery: None,
         };
         self.lab.config(vec![vip])
     }

@@ -275,6 +275,7 @@ fn config_renders_the_contract_format() {
                 .map(|b| b.parse().unwrap())
                 .to_vec(),
                 extra: String::new(),
+                discovery: None,
         }],
     };
     let expected = r#"[dataplane]

@@ -57,6 +57,7 @@ fn nat_vip(lab: &DsrLab, family: Family, protocol: Protocol, port: u16, name: &s
         forwarding: Forwarding::Nat,
         backends: lab.backends.iter().map(|b| b.ip(family)).collect(),
         extra: String::new(),
+        discovery: None,
     }
 }
 

@@ -149,6 +149,7 @@ fn metrics_and_status_report_what_the_balancer_did() -> Result<()> {
         forwarding: Forwarding::Nat,
         backends: lab.backends.iter().map(|b| b.ip(Family::V4)).collect(),
         extra: "[vip.health]\ninterval = \"300ms\"\ntimeout = \"200ms\"\n".into(),
+        discovery: None,
     };
     let _balancer = lab.start_balancer(&lab.config(vec![vip]))?;
 

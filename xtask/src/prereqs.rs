@@ -7,10 +7,21 @@ use anyhow::{Result, bail};
 use crate::cmd::{cargo, is_root, probe, run, rustup};
 
 /// Debian packages the eBPF build and the tests need.
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "libclang-22-dev", "ethtool", "iproute2", "iputils-ping", "procps"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libclang-22-dev",
+    "ethtool",
+    "iproute2",
+    "iputils-ping",
+    "procps",
+];
 /// Debian packages that are nice to have (skipped if this distribution does not ship them).
 const APT_OPTIONAL: &[&str] = &["bpftool"];
+/// Debian packages only `cargo xtask bench` needs: the end-to-end alternatives it compares
+/// against (HAProxy, nftables) and the keep-alive load generator (wrk).
+const BENCH_APT_PACKAGES: &[&str] = &["haproxy", "wrk", "nftables"];
+/// For the bench's profiles of the per-packet paths (skipped where not packaged).
+const BENCH_APT_OPTIONAL: &[&str] = &["linux-perf"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker must use the same LLVM major as the nightly rustc (22); see /work/shared/NOTES.md.
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -47,13 +58,55 @@ pub fn all() -> Vec<Prereq> {
         check: Box::new(rust_src_installed),
         install: Box::new(|_| install_rust_src()),
     });
+    list.push(Prereq {
+        name: format!("python moto[server] {MOTO_VERSION} (a real EC2 API on loopback, for the EC2 tests)"),
+        optional: false,
+        check: Box::new(moto_installed),
+        install: Box::new(|_| install_moto()),
+    });
+    list
+}
+
+/// moto's server mode; the version the tests are checked with (tests/src/moto.rs).
+const MOTO_VERSION: &str = "5.2.1";
+
+fn moto_installed() -> bool {
+    probe(Command::new("python3").args(["-c", "import moto.server, flask; print(moto.__version__)"]))
+        .is_some_and(|version| version.trim() == MOTO_VERSION)
+}
+
+fn install_moto() -> Result<()> {
+    if probe(Command::new("python3").args(["-m", "pip", "--version"])).is_none() {
+        bail!("the EC2 tests need python3 with pip to install moto: install them (e.g. `apt-get install python3-pip`)");
+    }
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .arg(format!("moto[server]=={MOTO_VERSION}"))
+        // A Debian-managed python3 refuses pip installs (PEP 668) unless told; pyenv's ignores it.
+        .env("PIP_BREAK_SYSTEM_PACKAGES", "1"))
+}
+
+/// The build prerequisites plus what `cargo xtask bench` needs.
+pub fn bench() -> Vec<Prereq> {
+    let mut list = all();
+    list.extend(BENCH_APT_PACKAGES.iter().map(|p| apt_package(p, false)));
+    list.extend(BENCH_APT_OPTIONAL.iter().map(|p| apt_package(p, true)));
     list
 }
 
 /// Checks every prerequisite and installs the missing ones.
 pub fn ensure() -> Result<()> {
+    ensure_list(all())
+}
+
+/// [`ensure`] for the bench's list.
+pub fn ensure_bench() -> Result<()> {
+    ensure_list(bench())
+}
+
+fn ensure_list(list: Vec<Prereq>) -> Result<()> {
     let mut state = State::default();
-    for p in all() {
+    for p in list {
         if (p.check)() {
             println!("==> {}: ok", p.name);
             continue;

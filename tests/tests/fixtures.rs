@@ -1206,3 +1206,30 @@ fn icmp_errors_about_nat_flows_are_translated_in_both_directions() {
         Ok(())
     });
 }
+
+#[test]
+fn two_balancers_with_the_same_backends_send_every_flow_to_the_same_backend() {
+    with_fixture(None, |fx| {
+        // A second balancer, given the same pools listed in another order (as another
+        // instance's discovery might): the tables, and so every flow's backend, are the same.
+        let mut other = Balancer::load(65536)?;
+        other.write_settings(&settings_from_config(&fx.dataplane))?;
+        let mut reversed = fx.vips.clone();
+        reversed.reverse();
+        for vip in &mut reversed {
+            vip.backends.reverse();
+        }
+        Reconciler::new().apply(&reversed, &mut other, Instant::now())?;
+        let mut differ = 0;
+        for (i, name) in ["web4", "dns6", "dr4"].iter().cycle().take(1000).enumerate() {
+            let request = request_to(service(name), 20000 + i as u16, syn_or_udp(service(name)));
+            let frame = request.frame();
+            let (a, b) = (fx.run(&frame), other.test_run(&frame, fx.nic)?);
+            assert_eq!(a.0, XDP_TX);
+            differ += usize::from(a != b);
+        }
+        println!("1000 flows through two balancers: {differ} went to different backends");
+        assert_eq!(differ, 0);
+        Ok(())
+    });
+}

@@ -33,6 +33,30 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// Benchmarks (issue 6): prereqs (+ haproxy, wrk, nftables), build `lb` and `bench`
+    /// (release), run them and write bench/results/latest.{md,json,svg}. Needs root.
+    Bench {
+        /// A short smoke run (small tables, 1 s loads); its numbers are not comparable.
+        #[arg(long)]
+        quick: bool,
+        /// Parts to run (default: all): perpacket, control, e2e, scale.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+    /// The failover demo: prereqs, build `lb` and `lb-demo`, then a lab of network namespaces
+    /// (client, balancer, three web servers) showing `lb status` live while a web server is
+    /// killed and restarted; removes everything on exit or Ctrl-C. Needs root.
+    Demo {
+        /// Forwarding mode of the VIP.
+        #[arg(long, default_value = "nat", value_parser = ["nat", "ipip", "gue", "l2"])]
+        mode: String,
+        /// Seconds of traffic (at least 20).
+        #[arg(long, default_value_t = 60, value_parser = demo_duration)]
+        duration: u64,
+        /// Leave the lab up at the end (prints how to enter each namespace); Ctrl-C removes it.
+        #[arg(long)]
+        keep: bool,
+    },
     /// The project's test command: prereqs, build `lb`, `cargo test` of every suite. Needs root.
     Test {
         /// Extra arguments for the test binaries, after `--` (e.g. `-- --test-threads 1`).
@@ -47,6 +71,12 @@ fn main() -> ExitCode {
         Task::Prereqs => prereqs::ensure(),
         Task::BuildEbpf { release } => build_ebpf(release),
         Task::Test { test_args } => test(&test_args),
+        Task::Bench { quick, only } => bench(quick, &only),
+        Task::Demo {
+            mode,
+            duration,
+            keep,
+        } => demo(&mode, duration, keep),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,6 +142,116 @@ fn test(test_args: &[String]) -> Result<()> {
             }),
             ("cargo test (unit, packet fixtures, namespaces)", &|| {
                 cargo_test(test_args)
+            }),
+        ],
+    )
+}
+
+/// The bench's build profile: release for the workspace's own code (the XDP programs are
+/// always built in release by aya-build anyway), but dependencies at opt-level 1 and no LTO, so
+/// a fresh clone's first build (the AWS SDK alone is ~1 M lines) fits the bench's time budget.
+/// A profile of its own, so it never invalidates the normal release build.
+const BENCH_PROFILE: &str = "benchrun";
+const BENCH_PROFILE_SETTINGS: &[&str] = &[
+    "profile.benchrun.inherits=\"release\"",
+    "profile.benchrun.lto=false",
+    "profile.benchrun.package.\"*\".opt-level=1",
+    "profile.benchrun.package.\"*\".codegen-units=16",
+];
+
+fn bench(quick: bool, only: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "`cargo xtask bench` must run as root: it loads XDP programs, creates network \
+             namespaces and veth pairs (try `sudo -E cargo xtask bench`)"
+        );
+    }
+    run_steps(
+        "bench",
+        &[
+            (
+                "prerequisites (build, and haproxy, wrk, nftables)",
+                &prereqs::ensure_bench,
+            ),
+            ("build lb and bench (profile benchrun)", &|| {
+                let mut cmd = cargo();
+                cmd.args(["build", "--profile", BENCH_PROFILE]);
+                for setting in BENCH_PROFILE_SETTINGS {
+                    cmd.args(["--config", setting]);
+                }
+                run(cmd.args([
+                    "-p", "lb-user", "--bin", "lb", "-p", "bench", "--bin", "bench",
+                ]))
+            }),
+            ("run the benchmarks (bench/results/latest.*)", &|| {
+                let exe = target_dir()?.join(BENCH_PROFILE).join("bench");
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.args(["run", "--out"])
+                    .arg(cmd::workspace_root().join("bench").join("results"))
+                    .current_dir(cmd::workspace_root());
+                if quick {
+                    cmd.arg("--quick");
+                }
+                if !only.is_empty() {
+                    cmd.arg("--only").arg(only.join(","));
+                }
+                run(&mut cmd)
+            }),
+        ],
+    )
+}
+
+/// `--duration` of the demo: the failover and the rejoin need a few seconds each.
+fn demo_duration(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(secs) if secs >= 20 => Ok(secs),
+        Ok(_) => Err("at least 20 seconds".into()),
+        Err(_) => Err("a number of seconds".into()),
+    }
+}
+
+fn demo(mode: &str, duration: u64, keep: bool) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "`cargo xtask demo` must run as root: it creates network namespaces and veth pairs \
+             and attaches XDP programs inside them (try `sudo -E cargo xtask demo`)"
+        );
+    }
+    run_steps(
+        "demo",
+        &[
+            ("prerequisites", &prereqs::ensure),
+            ("build lb (compiles and embeds the eBPF object)", &|| {
+                build_lb(false)
+            }),
+            ("build lb-demo", &|| {
+                run(cargo().args(["build", "-p", "tests", "--bin", "lb-demo"]))
+            }),
+            ("run the demo", &|| {
+                let exe = target_dir()?.join("debug").join("lb-demo");
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.args(["--mode", mode, "--duration", &duration.to_string()])
+                    .current_dir(cmd::workspace_root());
+                if keep {
+                    cmd.arg("--keep");
+                }
+                println!("==> {}", cmd::display(&cmd));
+                let mut child = cmd
+                    .spawn()
+                    .with_context(|| format!("cannot start {}", exe.display()))?;
+                // Ctrl-C reaches the demo too (same process group): it stops, cleans up and
+                // prints its summary. Wait for that instead of dying first.
+                // SAFETY: setting a signal disposition; no handler code runs.
+                unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+                let status = child.wait().context("waiting for lb-demo")?;
+                // SAFETY: as above.
+                unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+                match status.code() {
+                    Some(0) => Ok(()),
+                    // Interrupted: the demo cleaned up and printed its summary.
+                    Some(130) => std::process::exit(130),
+                    _ => bail!("lb-demo failed ({status})"),
+                }
             }),
         ],
     )

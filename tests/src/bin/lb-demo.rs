@@ -833,7 +833,9 @@ impl View {
             for event in self.events.iter().rev().take(8).rev() {
                 let _ = writeln!(screen, "{event}");
             }
-            screen.push_str("\nCtrl-C stops and removes the lab\n");
+            if phase != Phase::Back || t < Duration::from_secs(self.duration) {
+                screen.push_str("\nCtrl-C stops and removes the lab\n");
+            }
             print!("{screen}");
         } else {
             let health = status.map_or_else(String::new, |s| {

@@ -42,15 +42,12 @@ pub struct NextHop {
 #[inline(always)]
 pub fn lookup(
     ctx: &XdpContext,
-    params: *mut bpf_fib_lookup,
+    params: &mut bpf_fib_lookup,
     family: u8,
     (src, dst): (&Addr, &Addr),
     tot_len: u16,
 ) -> Result<Route, Reason> {
-    let params = unsafe {
-        core::ptr::write_bytes(params, 0, 1);
-        &mut *params
-    };
+    *params = unsafe { core::mem::zeroed() };
     params.family = family;
     params.ifindex = ctx.ingress_ifindex() as u32;
     params.__bindgen_anon_1.tot_len = tot_len;

@@ -366,18 +366,38 @@ pub fn render_metrics(status: &Status) -> String {
         "Configuration reloads rejected (the running configuration stays).",
         status.config_reload_failures,
     );
-    let discovery: [(&str, Kind, &str, fn(&DiscoveryStatus) -> u64); 4] = [
-        ("lb_discovery_refreshes_total", Kind::Counter, "Discovery refreshes attempted.", |d| d.refreshes),
+    /// Name, type, help and value of each discovery family.
+    type Family = (
+        &'static str,
+        Kind,
+        &'static str,
+        fn(&DiscoveryStatus) -> u64,
+    );
+    let discovery: [Family; 4] = [
+        (
+            "lb_discovery_refreshes_total",
+            Kind::Counter,
+            "Discovery refreshes attempted.",
+            |d| d.refreshes,
+        ),
         (
             "lb_discovery_failures_total",
             Kind::Counter,
             "Discovery refreshes that kept the last good backends (API errors, throttling, empty answers).",
             |d| d.failures,
         ),
-        ("lb_discovery_consecutive_failures", Kind::Gauge, "Failed refreshes since the last good one.", |d| {
-            d.consecutive_failures
-        }),
-        ("lb_discovery_backends", Kind::Gauge, "Backends in the last good discovery answer.", |d| d.backends),
+        (
+            "lb_discovery_consecutive_failures",
+            Kind::Gauge,
+            "Failed refreshes since the last good one.",
+            |d| d.consecutive_failures,
+        ),
+        (
+            "lb_discovery_backends",
+            Kind::Gauge,
+            "Backends in the last good discovery answer.",
+            |d| d.backends,
+        ),
     ];
     for (name, kind, help, value) in discovery {
         out.family(name, kind, help);

@@ -421,7 +421,11 @@ impl Checker<'_> {
             ));
         }
         let admin = self.admin(raw.admin.as_ref())?;
-        Ok(Config { dataplane, admin, vips })
+        Ok(Config {
+            dataplane,
+            admin,
+            vips,
+        })
     }
 
     fn dataplane(&self, spanned: &Spanned<RawDataplane>) -> Result<Dataplane, ConfigError> {
@@ -456,7 +460,13 @@ impl Checker<'_> {
         let pin_path = match &raw.pin_path {
             None => PathBuf::from(DEFAULT_PIN_PATH),
             Some(spanned) if !spanned.get_ref().starts_with('/') => {
-                return Err(self.at(spanned, format!("pin_path = \"{}\" must be an absolute path", spanned.get_ref())));
+                return Err(self.at(
+                    spanned,
+                    format!(
+                        "pin_path = \"{}\" must be an absolute path",
+                        spanned.get_ref()
+                    ),
+                ));
             }
             Some(spanned) => PathBuf::from(spanned.get_ref()),
         };
@@ -683,12 +693,23 @@ impl Checker<'_> {
 
     /// `[vip.health]`. Without it, TCP VIPs get TCP connect checks and UDP VIPs none (a UDP
     /// service has no generic check; configure an HTTP or TCP one on a side port if it has one).
-    fn health(&self, raw: Option<&Spanned<RawHealth>>, vip: &str, protocol: Protocol) -> Result<HealthConfig, ConfigError> {
+    fn health(
+        &self,
+        raw: Option<&Spanned<RawHealth>>,
+        vip: &str,
+        protocol: Protocol,
+    ) -> Result<HealthConfig, ConfigError> {
         let default = HealthConfig {
-            check: if protocol == Protocol::Tcp { Check::Tcp } else { Check::None },
+            check: if protocol == Protocol::Tcp {
+                Check::Tcp
+            } else {
+                Check::None
+            },
             ..HealthConfig::default()
         };
-        let Some(spanned) = raw else { return Ok(default) };
+        let Some(spanned) = raw else {
+            return Ok(default);
+        };
         let raw = spanned.get_ref();
         let expect = match &raw.expect {
             None => DEFAULT_HTTP_EXPECT,
@@ -706,7 +727,12 @@ impl Checker<'_> {
                 host: raw.host.clone(),
             },
             Some((spanned, other)) => {
-                return Err(self.at(spanned, format!("VIP \"{vip}\": health check \"{other}\" is not one of tcp, http, none")));
+                return Err(self.at(
+                    spanned,
+                    format!(
+                        "VIP \"{vip}\": health check \"{other}\" is not one of tcp, http, none"
+                    ),
+                ));
             }
         };
         let health = HealthConfig {
@@ -717,13 +743,20 @@ impl Checker<'_> {
             rise: raw.rise.unwrap_or(default.rise),
             fall: raw.fall.unwrap_or(default.fall),
         };
-        health.validate().map_err(|why| self.at(spanned, format!("VIP \"{vip}\": {why}")))?;
+        health
+            .validate()
+            .map_err(|why| self.at(spanned, format!("VIP \"{vip}\": {why}")))?;
         Ok(health)
     }
 
     fn admin(&self, raw: Option<&Spanned<RawAdmin>>) -> Result<Admin, ConfigError> {
         let default_listen: SocketAddr = DEFAULT_ADMIN_LISTEN.parse().expect("default parses");
-        let Some(spanned) = raw else { return Ok(Admin { listen: default_listen, token: None }) };
+        let Some(spanned) = raw else {
+            return Ok(Admin {
+                listen: default_listen,
+                token: None,
+            });
+        };
         let raw = spanned.get_ref();
         let listen = match &raw.listen {
             None => default_listen,
@@ -734,9 +767,15 @@ impl Checker<'_> {
         if let Some(token) = &raw.token
             && (token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
-            return Err(self.at(spanned, "admin token must be at least 16 characters without spaces".into()));
+            return Err(self.at(
+                spanned,
+                "admin token must be at least 16 characters without spaces".into(),
+            ));
         }
-        Ok(Admin { listen, token: raw.token.clone() })
+        Ok(Admin {
+            listen,
+            token: raw.token.clone(),
+        })
     }
 
     fn backend(
@@ -844,9 +883,19 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
         assert_eq!(vip.forwarding, Forwarding::Ipip);
         assert_eq!(vip.gue_port, DEFAULT_GUE_PORT);
         assert_eq!(vip.drain_timeout, Duration::from_secs(30));
-        assert_eq!(vip.health.check, Check::Tcp, "TCP VIPs get TCP connect checks by default");
+        assert_eq!(
+            vip.health.check,
+            Check::Tcp,
+            "TCP VIPs get TCP connect checks by default"
+        );
         assert_eq!(config.admin.listen, DEFAULT_ADMIN_LISTEN.parse().unwrap());
-        assert_eq!(config.dataplane.snat_ports, PortRange { first: 40000, last: 59999 });
+        assert_eq!(
+            config.dataplane.snat_ports,
+            PortRange {
+                first: 40000,
+                last: 59999
+            }
+        );
         assert_eq!(config.dataplane.pin_path, PathBuf::from(DEFAULT_PIN_PATH));
         assert_eq!(
             vip.backends[1],
@@ -933,22 +982,78 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
                 "is not a unicast address",
             ),
             // NAT settings only apply to NAT.
-            ("forwarding = \"ipip\"", "forwarding = \"ipip\"\nbackend_port = 8080", "lb.toml:11: VIP \"web\": backend_port only applies to forwarding = \"nat\""),
-            ("forwarding = \"ipip\"", "forwarding = \"ipip\"\nsnat_address = \"10.0.0.2\"", "snat_address only applies to forwarding = \"nat\""),
-            ("forwarding = \"ipip\"", "forwarding = \"nat\"\nsnat_address = \"fd00::2\"", "snat_address fd00::2 must be a unicast address of the VIP's family"),
-            ("interface = \"eth0\"", "interface = \"eth0\"\nsnat_ports = \"100-200\"", "lb.toml:4: snat_ports = \"100-200\": expected 1024 <= FIRST <= LAST <= 65535"),
-            ("interface = \"eth0\"", "interface = \"eth0\"\nsnat_ports = \"50000\"", "snat_ports = \"50000\": expected FIRST-LAST"),
-            ("interface = \"eth0\"", "interface = \"eth0\"\npin_path = \"bpf/lb\"", "lb.toml:4: pin_path = \"bpf/lb\" must be an absolute path"),
+            (
+                "forwarding = \"ipip\"",
+                "forwarding = \"ipip\"\nbackend_port = 8080",
+                "lb.toml:11: VIP \"web\": backend_port only applies to forwarding = \"nat\"",
+            ),
+            (
+                "forwarding = \"ipip\"",
+                "forwarding = \"ipip\"\nsnat_address = \"10.0.0.2\"",
+                "snat_address only applies to forwarding = \"nat\"",
+            ),
+            (
+                "forwarding = \"ipip\"",
+                "forwarding = \"nat\"\nsnat_address = \"fd00::2\"",
+                "snat_address fd00::2 must be a unicast address of the VIP's family",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"eth0\"\nsnat_ports = \"100-200\"",
+                "lb.toml:4: snat_ports = \"100-200\": expected 1024 <= FIRST <= LAST <= 65535",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"eth0\"\nsnat_ports = \"50000\"",
+                "snat_ports = \"50000\": expected FIRST-LAST",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"eth0\"\npin_path = \"bpf/lb\"",
+                "lb.toml:4: pin_path = \"bpf/lb\" must be an absolute path",
+            ),
             // Health checks.
-            ("[vip.discovery]", "[vip.health]\ncheck = \"ping\"\n[vip.discovery]", "VIP \"web\": health check \"ping\" is not one of tcp, http, none"),
-            ("[vip.discovery]", "[vip.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n[vip.discovery]", "lb.toml:11: VIP \"web\": health check timeout 2s must be longer than zero and shorter than the interval 1s"),
-            ("[vip.discovery]", "[vip.health]\nrise = 0\n[vip.discovery]", "VIP \"web\": "),
-            ("[vip.discovery]", "[vip.health]\ncheck = \"http\"\nexpect = \"500-200\"\n[vip.discovery]", "health expect = \"500-200\" is not a status range"),
-            ("[vip.discovery]", "[vip.health]\ncheck = \"http\"\npath = \"healthz\"\n[vip.discovery]", "VIP \"web\": "),
-            ("[vip.discovery]", "[vip.health]\nretries = 3\n[vip.discovery]", "unknown field `retries`"),
+            (
+                "[vip.discovery]",
+                "[vip.health]\ncheck = \"ping\"\n[vip.discovery]",
+                "VIP \"web\": health check \"ping\" is not one of tcp, http, none",
+            ),
+            (
+                "[vip.discovery]",
+                "[vip.health]\ninterval = \"1s\"\ntimeout = \"2s\"\n[vip.discovery]",
+                "lb.toml:11: VIP \"web\": health check timeout 2s must be longer than zero and shorter than the interval 1s",
+            ),
+            (
+                "[vip.discovery]",
+                "[vip.health]\nrise = 0\n[vip.discovery]",
+                "VIP \"web\": ",
+            ),
+            (
+                "[vip.discovery]",
+                "[vip.health]\ncheck = \"http\"\nexpect = \"500-200\"\n[vip.discovery]",
+                "health expect = \"500-200\" is not a status range",
+            ),
+            (
+                "[vip.discovery]",
+                "[vip.health]\ncheck = \"http\"\npath = \"healthz\"\n[vip.discovery]",
+                "VIP \"web\": ",
+            ),
+            (
+                "[vip.discovery]",
+                "[vip.health]\nretries = 3\n[vip.discovery]",
+                "unknown field `retries`",
+            ),
             // The admin endpoint.
-            ("[[vip]]", "[admin]\nlisten = \"localhost\"\n\n[[vip]]", "lb.toml:6: admin listen = \"localhost\" is not an address:port"),
-            ("[[vip]]", "[admin]\ntoken = \"short\"\n\n[[vip]]", "admin token must be at least 16 characters"),
+            (
+                "[[vip]]",
+                "[admin]\nlisten = \"localhost\"\n\n[[vip]]",
+                "lb.toml:6: admin listen = \"localhost\" is not an address:port",
+            ),
+            (
+                "[[vip]]",
+                "[admin]\ntoken = \"short\"\n\n[[vip]]",
+                "admin token must be at least 16 characters",
+            ),
         ];
         for (from, to, expected) in cases {
             assert!(GOOD.contains(from), "fixture does not contain {from}");
@@ -966,11 +1071,25 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
         let config = parse_str(&nat).unwrap();
         let vip = &config.vips[0];
         assert_eq!(vip.forwarding, Forwarding::Nat);
-        assert_eq!((vip.backend_port, vip.snat_address), (8080, Some("10.0.0.2".parse().unwrap())));
-        assert_eq!(vip.health.check, Check::Http { path: "/healthz".into(), expect: 200..=200, host: None });
+        assert_eq!(
+            (vip.backend_port, vip.snat_address),
+            (8080, Some("10.0.0.2".parse().unwrap()))
+        );
+        assert_eq!(
+            vip.health.check,
+            Check::Http {
+                path: "/healthz".into(),
+                expect: 200..=200,
+                host: None
+            }
+        );
         assert_eq!(vip.health.interval, Duration::from_millis(500));
         let udp = GOOD.replace("protocol = \"tcp\"", "protocol = \"udp\"");
-        assert_eq!(parse_str(&udp).unwrap().vips[0].health.check, Check::None, "UDP VIPs are not checked by default");
+        assert_eq!(
+            parse_str(&udp).unwrap().vips[0].health.check,
+            Check::None,
+            "UDP VIPs are not checked by default"
+        );
     }
 
     #[test]
@@ -982,14 +1101,28 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
         let vip = &parse_str(&ec2).unwrap().vips[0];
         let ec2 = vip.ec2.as_ref().expect("ec2 discovery");
         assert!(vip.backends.is_empty());
-        assert_eq!((ec2.region.as_str(), ec2.vpc_id.as_deref()), ("eu-west-1", Some("vpc-1")));
+        assert_eq!(
+            (ec2.region.as_str(), ec2.vpc_id.as_deref()),
+            ("eu-west-1", Some("vpc-1"))
+        );
         assert_eq!(ec2.tags.get("lb-pool").map(String::as_str), Some("web"));
         assert_eq!(ec2.refresh, Duration::from_secs(5));
         assert_eq!(ec2.weight_tag, "lb-weight");
 
-        let both = GOOD.replace("static = [", "ec2 = { region = \"r\", tags = { a = \"b\" } }\nstatic = [");
-        assert!(error_of(&both).contains("lb.toml:11: VIP \"web\": [vip.discovery] needs exactly one of static"), "{}", error_of(&both));
-        let untagged = GOOD.replace("static = [\"10.1.0.2\", { address = \"10.1.0.3\", weight = 2 }]", "ec2 = { region = \"r\", tags = {} }");
+        let both = GOOD.replace(
+            "static = [",
+            "ec2 = { region = \"r\", tags = { a = \"b\" } }\nstatic = [",
+        );
+        assert!(
+            error_of(&both)
+                .contains("lb.toml:11: VIP \"web\": [vip.discovery] needs exactly one of static"),
+            "{}",
+            error_of(&both)
+        );
+        let untagged = GOOD.replace(
+            "static = [\"10.1.0.2\", { address = \"10.1.0.3\", weight = 2 }]",
+            "ec2 = { region = \"r\", tags = {} }",
+        );
         assert!(error_of(&untagged).contains("needs a region and at least one tag"));
     }
 

@@ -178,7 +178,12 @@ impl Balancer {
 
     fn load_with(conntrack_entries: u32, pins: Option<&Path>) -> Result<Self> {
         let paths: Vec<(&str, PathBuf)> = pins
-            .map(|dir| PINNED_MAPS.iter().map(|name| (*name, dir.join(name))).collect())
+            .map(|dir| {
+                PINNED_MAPS
+                    .iter()
+                    .map(|name| (*name, dir.join(name)))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut loader = EbpfLoader::new();
         loader
@@ -227,16 +232,21 @@ impl Balancer {
         if link_path.exists() {
             let pinned = PinnedLink::from_pin(&link_path)
                 .with_context(|| format!("cannot open the pinned link {}", link_path.display()))?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).context("the pinned link is not an XDP link")?;
-            program.attach_to_link(link).context("cannot replace the program of the pinned XDP link")?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .context("the pinned link is not an XDP link")?;
+            program
+                .attach_to_link(link)
+                .context("cannot replace the program of the pinned XDP link")?;
             return Ok(true);
         }
         let id = program
             .attach(interface, mode.into())
             .with_context(|| format!("cannot attach to {interface} in {mode:?} mode"))?;
-        let link = FdLink::try_from(program.take_link(id)?).context("the XDP attachment is not a BPF link")?;
+        let link = FdLink::try_from(program.take_link(id)?)
+            .context("the XDP attachment is not a BPF link")?;
         // The pin keeps the link (and the attachment) alive when this process ends.
-        link.pin(&link_path).with_context(|| format!("cannot pin the XDP link at {}", link_path.display()))?;
+        link.pin(&link_path)
+            .with_context(|| format!("cannot pin the XDP link at {}", link_path.display()))?;
         Ok(false)
     }
 
@@ -244,7 +254,9 @@ impl Balancer {
     /// next start begins with empty maps. Without this, the data plane keeps running after
     /// the process ends, for the next `lb run` to adopt.
     pub fn detach_and_unpin(self) -> Result<()> {
-        let Some(dir) = self.pins.clone() else { return Ok(()) };
+        let Some(dir) = self.pins.clone() else {
+            return Ok(());
+        };
         let link_path = dir.join(LINK_PIN);
         if link_path.exists() {
             let pinned = PinnedLink::from_pin(&link_path)?;
@@ -254,7 +266,8 @@ impl Balancer {
         for name in PINNED_MAPS {
             let path = dir.join(name);
             if path.exists() {
-                std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
             }
         }
         // Left alone if someone else keeps files there.
@@ -277,7 +290,11 @@ impl Balancer {
                 backends.push((id, backend));
             }
         }
-        Ok(DataplaneSnapshot { vips, tables, backends })
+        Ok(DataplaneSnapshot {
+            vips,
+            tables,
+            backends,
+        })
     }
 
     pub fn program_fd(&self) -> Result<&ProgramFd> {
@@ -362,7 +379,7 @@ impl MapWriter for Balancer {
     fn write_table(&mut self, index: u32, table: &[u32]) -> Result<()> {
         self.table_buffer.backends.copy_from_slice(table);
         self.tables
-            .set(index, &*self.table_buffer, 0)
+            .set(index, self.table_buffer.as_ref(), 0)
             .with_context(|| format!("cannot write table {index}"))
     }
 

@@ -187,23 +187,35 @@ pub fn prime_neighbours(addresses: impl IntoIterator<Item = IpAddr>) {
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 fn is_bpffs(path: &std::path::Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes sure `pin_path` can hold pins: its nearest existing ancestor must be on a bpffs.
 /// The standard place, /sys/fs/bpf, is mounted if it is not (it often is not in containers
 /// and network namespaces); anywhere else the operator chose the place and must mount it.
 pub fn ensure_bpffs(pin_path: &std::path::Path) -> Result<()> {
-    let existing = pin_path.ancestors().find(|p| p.exists()).unwrap_or(std::path::Path::new("/"));
+    let existing = pin_path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(std::path::Path::new("/"));
     if is_bpffs(existing) {
         return Ok(());
     }
     let standard = std::path::Path::new("/sys/fs/bpf");
     if pin_path.starts_with(standard) && standard.is_dir() {
-        nix::mount::mount(Some("bpf"), standard, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .context("cannot mount a bpffs on /sys/fs/bpf")?;
+        nix::mount::mount(
+            Some("bpf"),
+            standard,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("cannot mount a bpffs on /sys/fs/bpf")?;
         info!("mounted a bpffs on /sys/fs/bpf");
         return Ok(());
     }
-    bail!("pin_path {} is not on a bpffs: mount one first (mount -t bpf bpf DIR)", pin_path.display())
+    bail!(
+        "pin_path {} is not on a bpffs: mount one first (mount -t bpf bpf DIR)",
+        pin_path.display()
+    )
 }

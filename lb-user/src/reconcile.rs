@@ -261,14 +261,25 @@ impl Reconciler {
                 echo.insert(*key, *info);
                 continue;
             }
-            let table = snapshot.tables.get(&info.table_index()).cloned().unwrap_or_default();
+            let table = snapshot
+                .tables
+                .get(&info.table_index())
+                .cloned()
+                .unwrap_or_default();
             let ids: BTreeSet<u32> = table.iter().copied().filter(|id| *id != 0).collect();
             let members = ids.iter().filter_map(|id| {
                 let address = address_of(backends.get(id)?)?;
                 tabled.insert(*id);
                 // Weights are not in the maps: the next apply sets them (and rebuilds the
                 // table only if they differ from what built it).
-                Some((address, BackendState { id: *id, weight: 1, phase: BackendPhase::Active }))
+                Some((
+                    address,
+                    BackendState {
+                        id: *id,
+                        weight: 1,
+                        phase: BackendPhase::Active,
+                    },
+                ))
             });
             let state = VipState {
                 name: String::new(),
@@ -280,7 +291,11 @@ impl Reconciler {
             };
             vips.insert(*key, state);
         }
-        let orphans = backends.keys().filter(|id| !tabled.contains(id)).map(|id| (*id, now)).collect();
+        let orphans = backends
+            .keys()
+            .filter(|id| !tabled.contains(id))
+            .map(|id| (*id, now))
+            .collect();
         let vip_ids: BTreeSet<u32> = vips.values().map(|vip| vip.info.id).collect();
         let backend_ids: BTreeSet<u32> = backends.keys().copied().collect();
         Self {
@@ -438,7 +453,11 @@ impl Reconciler {
         // it only after the new table is live (`after_swap`).
         let mut after_swap = Vec::new();
         for backend in &desired.backends {
-            let phase = if backend.healthy || fail_open { BackendPhase::Active } else { BackendPhase::Down };
+            let phase = if backend.healthy || fail_open {
+                BackendPhase::Active
+            } else {
+                BackendPhase::Down
+            };
             let entry = match state.backends.get_mut(&backend.address) {
                 Some(existing) if existing.phase == phase => {
                     existing.weight = backend.weight;
@@ -448,7 +467,14 @@ impl Reconciler {
                 None => {
                     let id = self.backend_ids.take("backend")?;
                     changes.backends_added += 1;
-                    state.backends.entry(backend.address).or_insert(BackendState { id, weight: backend.weight, phase: BackendPhase::Down })
+                    state
+                        .backends
+                        .entry(backend.address)
+                        .or_insert(BackendState {
+                            id,
+                            weight: backend.weight,
+                            phase: BackendPhase::Down,
+                        })
                 }
             };
             entry.weight = backend.weight;
@@ -513,8 +539,10 @@ impl Reconciler {
     /// Frees backends whose drain timeout has ended: their remaining flows are re-balanced.
     pub fn tick(&mut self, maps: &mut impl MapWriter, now: Instant) -> Result<Changes> {
         let mut changes = Changes::default();
-        let (expired, kept): (Vec<_>, Vec<_>) =
-            self.orphans.iter().partition(|(_, since)| now.duration_since(*since) >= DEFAULT_DRAIN_TIMEOUT);
+        let (expired, kept): (Vec<_>, Vec<_>) = self
+            .orphans
+            .iter()
+            .partition(|(_, since)| now.duration_since(*since) >= DEFAULT_DRAIN_TIMEOUT);
         self.orphans = kept;
         for (id, _) in expired {
             maps.write_backend(id, &unused_backend())?;
@@ -544,7 +572,11 @@ impl Reconciler {
 
 /// The address a backend entry holds; `None` for an unused slot.
 pub fn address_of(backend: &Backend) -> Option<IpAddr> {
-    let bytes: Vec<u8> = backend.addr.iter().flat_map(|word| word.to_ne_bytes()).collect();
+    let bytes: Vec<u8> = backend
+        .addr
+        .iter()
+        .flat_map(|word| word.to_ne_bytes())
+        .collect();
     match backend.family {
         FAMILY_V4 => Some(IpAddr::from(<[u8; 4]>::try_from(&bytes[..4]).ok()?)),
         FAMILY_V6 => Some(IpAddr::from(<[u8; 16]>::try_from(&bytes[..]).ok()?)),
@@ -560,7 +592,12 @@ fn data_plane_backend(address: IpAddr, phase: &BackendPhase) -> Backend {
         BackendPhase::Down => backend_state::DOWN,
         BackendPhase::Draining(_) => backend_state::DRAINING,
     };
-    Backend { addr, family, state, _pad: [0; 2] }
+    Backend {
+        addr,
+        family,
+        state,
+        _pad: [0; 2],
+    }
 }
 
 fn unused_backend() -> Backend {
@@ -822,8 +859,15 @@ mod tests {
             let live = self.vips.values().map(|info| info.table_index());
             DataplaneSnapshot {
                 vips: self.vips.iter().map(|(k, v)| (*k, *v)).collect(),
-                tables: live.map(|index| (index, self.tables[&index].clone())).collect(),
-                backends: self.backends.iter().filter(|(_, b)| b.state != UNUSED).map(|(id, b)| (*id, *b)).collect(),
+                tables: live
+                    .map(|index| (index, self.tables[&index].clone()))
+                    .collect(),
+                backends: self
+                    .backends
+                    .iter()
+                    .filter(|(_, b)| b.state != UNUSED)
+                    .map(|(id, b)| (*id, *b))
+                    .collect(),
             }
         }
     }
@@ -839,23 +883,41 @@ mod tests {
         // 10.1.0.9 was removed just before the "crash": it is draining, in no table.
         let active = |r: &Reconciler| -> Vec<u32> {
             let backends = &r.vips().next().unwrap().1.backends;
-            backends.values().filter(|b| b.phase == BackendPhase::Active).map(|b| b.id).collect()
+            backends
+                .values()
+                .filter(|b| b.phase == BackendPhase::Active)
+                .map(|b| b.id)
+                .collect()
         };
         let ids = active(&first);
 
         let mut second = Reconciler::adopt(&maps.snapshot(), now);
         let mut recorder = Recorder::default();
         let changes = second.apply(&desired, &mut recorder, now).unwrap();
-        assert!(changes.is_empty() && recorder.writes.is_empty(), "{changes:?} {:?}", recorder.writes);
+        assert!(
+            changes.is_empty() && recorder.writes.is_empty(),
+            "{changes:?} {:?}",
+            recorder.writes
+        );
         assert_eq!(active(&second), ids);
         // The draining orphan keeps its id until a drain timeout has passed, then is freed.
-        second.tick(&mut recorder, now + Duration::from_secs(29)).unwrap();
+        second
+            .tick(&mut recorder, now + Duration::from_secs(29))
+            .unwrap();
         assert!(recorder.writes.is_empty());
-        second.tick(&mut recorder, now + DEFAULT_DRAIN_TIMEOUT).unwrap();
+        second
+            .tick(&mut recorder, now + DEFAULT_DRAIN_TIMEOUT)
+            .unwrap();
         assert_eq!(recorder.writes, vec![Write::Backend(1, UNUSED)]);
         // New backends never reuse a live id.
         recorder.writes.clear();
-        second.apply(&[vip(&["10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5"])], &mut recorder, now).unwrap();
+        second
+            .apply(
+                &[vip(&["10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5"])],
+                &mut recorder,
+                now,
+            )
+            .unwrap();
         assert_eq!(recorder.writes[0], Write::Backend(5, ACTIVE));
     }
 
@@ -874,15 +936,27 @@ mod tests {
         let all = ["10.1.0.2", "10.1.0.3", "10.1.0.4"];
         reconciler.apply(&[vip(&all)], &mut maps, now).unwrap();
         maps.writes.clear();
-        let changes = reconciler.apply(&[with_health(vip(&all), &["10.1.0.3"])], &mut maps, now).unwrap();
+        let changes = reconciler
+            .apply(&[with_health(vip(&all), &["10.1.0.3"])], &mut maps, now)
+            .unwrap();
         assert_eq!(changes.backends_down, 1);
         // Out of the new table first; only then marked down (its flows re-balance).
-        assert_eq!(maps.writes, vec![Write::Table(1), Write::Vip(0, 1), Write::Backend(2, backend_state::DOWN)]);
+        assert_eq!(
+            maps.writes,
+            vec![
+                Write::Table(1),
+                Write::Vip(0, 1),
+                Write::Backend(2, backend_state::DOWN)
+            ]
+        );
         assert!(!maps.tables[&1].contains(&2));
         // Healthy again: marked active before a table names it.
         maps.writes.clear();
         reconciler.apply(&[vip(&all)], &mut maps, now).unwrap();
-        assert_eq!(maps.writes, vec![Write::Backend(2, ACTIVE), Write::Table(0), Write::Vip(0, 0)]);
+        assert_eq!(
+            maps.writes,
+            vec![Write::Backend(2, ACTIVE), Write::Table(0), Write::Vip(0, 0)]
+        );
     }
 
     #[test]
@@ -890,11 +964,18 @@ mod tests {
         let mut reconciler = Reconciler::new();
         let mut maps = Recorder::default();
         let all = ["10.1.0.2", "10.1.0.3"];
-        let changes = reconciler.apply(&[with_health(vip(&all), &all)], &mut maps, Instant::now()).unwrap();
+        let changes = reconciler
+            .apply(&[with_health(vip(&all), &all)], &mut maps, Instant::now())
+            .unwrap();
         assert_eq!(changes.fail_open_changed, 1);
         let (_, state) = reconciler.vips().next().unwrap();
         assert!(state.fail_open);
-        assert!(state.backends.values().all(|b| b.phase == BackendPhase::Active));
+        assert!(
+            state
+                .backends
+                .values()
+                .all(|b| b.phase == BackendPhase::Active)
+        );
         assert!(maps.tables[&0].contains(&1) && maps.tables[&0].contains(&2));
     }
 }

@@ -148,8 +148,14 @@ struct DiscoveryReport {
 }
 
 /// One task per VIP with EC2 discovery: refreshes with jitter, keeps the last good answer.
-fn spawn_discovery(config: &Config, reports: &mpsc::UnboundedSender<DiscoveryReport>) -> Vec<tokio::task::JoinHandle<()>> {
-    let vips = config.vips.iter().filter_map(|vip| Some((vip.name.clone(), vip.address, vip.ec2.clone()?)));
+fn spawn_discovery(
+    config: &Config,
+    reports: &mpsc::UnboundedSender<DiscoveryReport>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let vips = config
+        .vips
+        .iter()
+        .filter_map(|vip| Some((vip.name.clone(), vip.address, vip.ec2.clone()?)));
     vips.map(|(vip, address, ec2)| {
         let reports = reports.clone();
         tokio::spawn(async move {
@@ -157,7 +163,10 @@ fn spawn_discovery(config: &Config, reports: &mpsc::UnboundedSender<DiscoveryRep
                 match Ec2Discovery::new(ec2.clone()).await {
                     Ok(source) => break source,
                     Err(err) => {
-                        error!(vip = vip.as_str(), "cannot set up EC2 discovery, retrying: {err:#}");
+                        error!(
+                            vip = vip.as_str(),
+                            "cannot set up EC2 discovery, retrying: {err:#}"
+                        );
                         tokio::time::sleep(discovery::jittered(ec2.refresh)).await;
                     }
                 }
@@ -165,7 +174,8 @@ fn spawn_discovery(config: &Config, reports: &mpsc::UnboundedSender<DiscoveryRep
             let mut pool = KeepLastGood::new(source, [address]);
             loop {
                 let refresh = pool.refresh().await;
-                let backends = (!matches!(refresh, Refresh::Failed { .. })).then(|| pool.current().to_vec());
+                let backends =
+                    (!matches!(refresh, Refresh::Failed { .. })).then(|| pool.current().to_vec());
                 let stats = pool.stats();
                 let status = DiscoveryStatus {
                     vip: vip.clone(),
@@ -176,7 +186,14 @@ fn spawn_discovery(config: &Config, reports: &mpsc::UnboundedSender<DiscoveryRep
                     consecutive_failures: stats.consecutive_failures,
                     refused: stats.refused,
                 };
-                if reports.send(DiscoveryReport { vip: vip.clone(), backends, status }).is_err() {
+                if reports
+                    .send(DiscoveryReport {
+                        vip: vip.clone(),
+                        backends,
+                        status,
+                    })
+                    .is_err()
+                {
                     return;
                 }
                 tokio::time::sleep(discovery::jittered(ec2.refresh)).await;
@@ -241,21 +258,35 @@ impl Balancing {
     /// going away (stopping, shutting down) and vanished ones drain.
     fn on_discovery(&mut self, report: DiscoveryReport) -> Result<()> {
         self.discovery.insert(report.vip.clone(), report.status);
-        let Some(found) = report.backends else { return Ok(()) };
-        let Some(vip) = self.config.vips.iter_mut().find(|vip| vip.name == report.vip && vip.ec2.is_some()) else {
+        let Some(found) = report.backends else {
+            return Ok(());
+        };
+        let Some(vip) = self
+            .config
+            .vips
+            .iter_mut()
+            .find(|vip| vip.name == report.vip && vip.ec2.is_some())
+        else {
             return Ok(());
         };
         let mut backends: Vec<config::StaticBackend> = found
             .iter()
             .filter(|b| b.state == InstanceState::Running)
-            .map(|b| config::StaticBackend { address: b.address, weight: b.weight })
+            .map(|b| config::StaticBackend {
+                address: b.address,
+                weight: b.weight,
+            })
             .collect();
         backends.sort_by_key(|b| b.address);
         backends.dedup_by_key(|b| b.address);
         if backends == vip.backends {
             return Ok(());
         }
-        info!(vip = report.vip.as_str(), backends = backends.len(), "discovered backends changed");
+        info!(
+            vip = report.vip.as_str(),
+            backends = backends.len(),
+            "discovered backends changed"
+        );
         vip.backends = backends;
         self.checker.set_targets(health_targets(&self.config));
         host::prime_neighbours(backend_addresses(&self.config));
@@ -273,7 +304,12 @@ impl Balancing {
         let mut vips = new.vips;
         // Discovered pools keep what their source last said until it answers again.
         for vip in vips.iter_mut().filter(|vip| vip.ec2.is_some()) {
-            if let Some(old) = self.config.vips.iter().find(|old| old.name == vip.name && old.ec2 == vip.ec2) {
+            if let Some(old) = self
+                .config
+                .vips
+                .iter()
+                .find(|old| old.name == vip.name && old.ec2 == vip.ec2)
+            {
                 vip.backends.clone_from(&old.backends);
             }
         }
@@ -282,7 +318,12 @@ impl Balancing {
             task.abort();
         }
         self.discovery_tasks = spawn_discovery(&self.config, &self.discovery_reports);
-        self.discovery.retain(|vip, _| self.config.vips.iter().any(|v| &v.name == vip && v.ec2.is_some()));
+        self.discovery.retain(|vip, _| {
+            self.config
+                .vips
+                .iter()
+                .any(|v| &v.name == vip && v.ec2.is_some())
+        });
         self.checker.set_targets(health_targets(&self.config));
         self.apply("maps updated")?;
         host::prime_neighbours(backend_addresses(&self.config));

@@ -144,7 +144,10 @@ impl LbConfig {
             if let Forwarding::Gue { port } = vip.forwarding {
                 let _ = writeln!(toml, "gue_port = {port}");
             }
-            let discovery = vip.discovery.clone().unwrap_or_else(|| format!("static = [{}]", backends.join(", ")));
+            let discovery = vip
+                .discovery
+                .clone()
+                .unwrap_or_else(|| format!("static = [{}]", backends.join(", ")));
             let _ = write!(toml, "[vip.discovery]\n{discovery}\n{}", vip.extra);
         }
         toml

@@ -14,8 +14,8 @@ use std::{
 
 use anyhow::{Result, ensure};
 use lab::{
-    DsrLab, Family, Forwarding, HOST_IFNAME, MOTO_REGION, MotoServer, Protocol, SERVICE_PORT, Tally,
-    Vip, connect_many, in_netns, vip_address,
+    DsrLab, Family, Forwarding, HOST_IFNAME, MOTO_REGION, MotoServer, Protocol, SERVICE_PORT,
+    Tally, Vip, connect_many, in_netns, vip_address,
 };
 
 /// Where the relay listens inside the balancer namespace.
@@ -27,7 +27,9 @@ fn relay_into(ns: &lab::Ns, moto_port: u16) -> Result<()> {
     let listener = in_netns(ns, || Ok(TcpListener::bind(("127.0.0.1", RELAY_PORT))?))?;
     thread::spawn(move || {
         for inbound in listener.incoming().flatten() {
-            let Ok(outbound) = TcpStream::connect(("127.0.0.1", moto_port)) else { continue };
+            let Ok(outbound) = TcpStream::connect(("127.0.0.1", moto_port)) else {
+                continue;
+            };
             for (mut from, mut to) in [
                 (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
                 (outbound, inbound),
@@ -55,7 +57,10 @@ fn wait_for(lab: &DsrLab, names: &[&str], what: &str) -> Result<Duration> {
         if tally.failures == 0 && seen == names {
             return Ok(started.elapsed());
         }
-        ensure!(started.elapsed() < Duration::from_secs(20), "{what}: expected {names:?}, got {tally}");
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "{what}: expected {names:?}, got {tally}"
+        );
         thread::sleep(Duration::from_millis(300));
     }
 }
@@ -65,10 +70,17 @@ async fn traffic_follows_ec2_instances() -> Result<()> {
     let mut moto = MotoServer::start()?;
     let lab = DsrLab::new()?;
     for backend in &lab.backends {
-        backend.ns.run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
+        backend
+            .ns
+            .run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
     }
-    lab.balancer.ns.run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 39999"])?;
-    relay_into(&lab.balancer.ns, moto.endpoint_url().rsplit(':').next().unwrap().parse()?)?;
+    lab.balancer
+        .ns
+        .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 39999"])?;
+    relay_into(
+        &lab.balancer.ns,
+        moto.endpoint_url().rsplit(':').next().unwrap().parse()?,
+    )?;
 
     let ec2 = moto.ec2();
     let subnet = ec2.create_vpc("198.18.0.0/16", "198.18.0.0/24").await?;
@@ -80,7 +92,8 @@ async fn traffic_follows_ec2_instances() -> Result<()> {
     let b1 = ec2.run_instance(&subnet, ip(0), &tags).await?;
     ec2.run_instance(&subnet, ip(1), &tags).await?;
     // Another pool's instance: must be ignored.
-    ec2.run_instance(&subnet, "198.18.0.50".parse()?, &[("lb-pool", "api")]).await?;
+    ec2.run_instance(&subnet, "198.18.0.50".parse()?, &[("lb-pool", "api")])
+        .await?;
 
     // Credentials for the SDK's default chain, inherited by `lb run` (moto takes any).
     // SAFETY: set before any thread of this test reads the environment; this file holds one test.
@@ -105,12 +118,15 @@ async fn traffic_follows_ec2_instances() -> Result<()> {
     let config = lab.config(vec![vip]);
     let mut balancer = tokio::task::block_in_place(|| lab.start_balancer(&config))?;
 
-    let found = tokio::task::block_in_place(|| wait_for(&lab, &["b1", "b2"], "two tagged instances"))?;
+    let found =
+        tokio::task::block_in_place(|| wait_for(&lab, &["b1", "b2"], "two tagged instances"))?;
     println!("two tagged instances serving after {found:?} (the other pool's instance ignored)");
 
     // A new instance joins the pool: traffic reaches it.
     ec2.run_instance(&subnet, ip(2), &tags).await?;
-    let joined = tokio::task::block_in_place(|| wait_for(&lab, &["b1", "b2", "b3"], "a third instance started"))?;
+    let joined = tokio::task::block_in_place(|| {
+        wait_for(&lab, &["b1", "b2", "b3"], "a third instance started")
+    })?;
     println!("b3 started: serving after {joined:?}");
 
     // An instance is terminated: it leaves (its flows drain).
@@ -122,8 +138,15 @@ async fn traffic_follows_ec2_instances() -> Result<()> {
     moto.stop()?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let during = tokio::task::block_in_place(|| burst(&lab))?;
-    ensure!(during.failures == 0 && during.per_name.len() == 2, "while the EC2 API is down: {during}");
-    tokio::task::block_in_place(|| balancer.process.wait_for_line("keeping the last good backends", Duration::from_secs(5)))?;
+    ensure!(
+        during.failures == 0 && during.per_name.len() == 2,
+        "while the EC2 API is down: {during}"
+    );
+    tokio::task::block_in_place(|| {
+        balancer
+            .process
+            .wait_for_line("keeping the last good backends", Duration::from_secs(5))
+    })?;
     println!("EC2 API down for 3 s: {during}");
     Ok(())
 }

@@ -1221,7 +1221,12 @@ fn two_balancers_with_the_same_backends_send_every_flow_to_the_same_backend() {
         }
         Reconciler::new().apply(&reversed, &mut other, Instant::now())?;
         let mut differ = 0;
-        for (i, name) in ["web4", "dns6", "dr4"].iter().cycle().take(1000).enumerate() {
+        for (i, name) in ["web4", "dns6", "dr4"]
+            .iter()
+            .cycle()
+            .take(1000)
+            .enumerate()
+        {
             let request = request_to(service(name), 20000 + i as u16, syn_or_udp(service(name)));
             let frame = request.frame();
             let (a, b) = (fx.run(&frame), other.test_run(&frame, fx.nic)?);

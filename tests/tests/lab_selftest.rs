@@ -274,8 +274,8 @@ fn config_renders_the_contract_format() {
             backends: ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
                 .map(|b| b.parse().unwrap())
                 .to_vec(),
-                extra: String::new(),
-                discovery: None,
+            extra: String::new(),
+            discovery: None,
         }],
     };
     let expected = r#"[dataplane]

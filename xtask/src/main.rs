@@ -147,18 +147,6 @@ fn test(test_args: &[String]) -> Result<()> {
     )
 }
 
-/// The bench's build profile: release for the workspace's own code (the XDP programs are
-/// always built in release by aya-build anyway), but dependencies at opt-level 1 and no LTO, so
-/// a fresh clone's first build (the AWS SDK alone is ~1 M lines) fits the bench's time budget.
-/// A profile of its own, so it never invalidates the normal release build.
-const BENCH_PROFILE: &str = "benchrun";
-const BENCH_PROFILE_SETTINGS: &[&str] = &[
-    "profile.benchrun.inherits=\"release\"",
-    "profile.benchrun.lto=false",
-    "profile.benchrun.package.\"*\".opt-level=1",
-    "profile.benchrun.package.\"*\".codegen-units=16",
-];
-
 fn bench(quick: bool, only: &[String]) -> Result<()> {
     if !is_root() {
         bail!(
@@ -173,18 +161,22 @@ fn bench(quick: bool, only: &[String]) -> Result<()> {
                 "prerequisites (build, and haproxy, wrk, nftables)",
                 &prereqs::ensure_bench,
             ),
-            ("build lb and bench (profile benchrun)", &|| {
-                let mut cmd = cargo();
-                cmd.args(["build", "--profile", BENCH_PROFILE]);
-                for setting in BENCH_PROFILE_SETTINGS {
-                    cmd.args(["--config", setting]);
-                }
-                run(cmd.args([
-                    "-p", "lb-user", "--bin", "lb", "-p", "bench", "--bin", "bench",
+            ("build lb and bench (release)", &|| {
+                run(cargo().args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "lb-user",
+                    "--bin",
+                    "lb",
+                    "-p",
+                    "bench",
+                    "--bin",
+                    "bench",
                 ]))
             }),
             ("run the benchmarks (bench/results/latest.*)", &|| {
-                let exe = target_dir()?.join(BENCH_PROFILE).join("bench");
+                let exe = target_dir()?.join("release").join("bench");
                 let mut cmd = std::process::Command::new(&exe);
                 cmd.args(["run", "--out"])
                     .arg(cmd::workspace_root().join("bench").join("results"))

@@ -59,7 +59,9 @@ pub fn all() -> Vec<Prereq> {
         install: Box::new(|_| install_rust_src()),
     });
     list.push(Prereq {
-        name: format!("python moto[server] {MOTO_VERSION} (a real EC2 API on loopback, for the EC2 tests)"),
+        name: format!(
+            "python moto[server] {MOTO_VERSION} (a real EC2 API on loopback, for the EC2 tests)"
+        ),
         optional: false,
         check: Box::new(moto_installed),
         install: Box::new(|_| install_moto()),
@@ -71,16 +73,26 @@ pub fn all() -> Vec<Prereq> {
 const MOTO_VERSION: &str = "5.2.1";
 
 fn moto_installed() -> bool {
-    probe(Command::new("python3").args(["-c", "import moto.server, flask; print(moto.__version__)"]))
-        .is_some_and(|version| version.trim() == MOTO_VERSION)
+    probe(
+        Command::new("python3").args(["-c", "import moto.server, flask; print(moto.__version__)"]),
+    )
+    .is_some_and(|version| version.trim() == MOTO_VERSION)
 }
 
 fn install_moto() -> Result<()> {
     if probe(Command::new("python3").args(["-m", "pip", "--version"])).is_none() {
-        bail!("the EC2 tests need python3 with pip to install moto: install them (e.g. `apt-get install python3-pip`)");
+        bail!(
+            "the EC2 tests need python3 with pip to install moto: install them (e.g. `apt-get install python3-pip`)"
+        );
     }
     run(Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
         .arg(format!("moto[server]=={MOTO_VERSION}"))
         // A Debian-managed python3 refuses pip installs (PEP 668) unless told; pyenv's ignores it.
         .env("PIP_BREAK_SYSTEM_PACKAGES", "1"))

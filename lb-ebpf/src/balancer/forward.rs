@@ -25,7 +25,8 @@ pub fn route_to(
     tot_len: u16,
 ) -> Result<Route, Reason> {
     let params = FIB_SCRATCH.get_ptr_mut(0).ok_or(Reason::DropInternal)?;
-    route::lookup(ctx, params, family, (src, dst), tot_len)
+    // SAFETY: a per-CPU map value, used by this packet alone.
+    route::lookup(ctx, unsafe { &mut *params }, family, (src, dst), tot_len)
 }
 
 /// Transmits a rewritten packet, or passes it to the kernel to forward when the neighbour is

@@ -98,6 +98,23 @@ impl DsrLab {
         })
     }
 
+    /// The NAT variant of the lab: the backends send full checksums (`tx off`: veth's
+    /// partial checksums would not survive the balancer's rewrite of their replies; real NICs
+    /// deliver full ones), and the balancer's own ephemeral ports sit below the default NAT
+    /// range (`lb run` refuses an overlap).
+    pub fn new_nat() -> Result<DsrLab> {
+        let lab = DsrLab::new()?;
+        for backend in &lab.backends {
+            backend
+                .ns
+                .run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
+        }
+        lab.balancer
+            .ns
+            .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 39999"])?;
+        Ok(lab)
+    }
+
     /// A TCP VIP entry on [`SERVICE_PORT`] in `family` with every backend as static target.
     pub fn vip(&self, family: Family, forwarding: Forwarding) -> Vip {
         let name = match family {

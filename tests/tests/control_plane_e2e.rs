@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::{Result, ensure};
 use lab::{
-    Balancer, DsrLab, Family, Forwarding, HOST_IFNAME, LbConfig, Protocol, ServerGuard, TcpSession,
-    Vip, connect_many, spawn_tcp_server, vip_address,
+    Balancer, DsrLab, Family, Forwarding, LbConfig, Protocol, ServerGuard, TcpSession, Vip,
+    connect_many, spawn_tcp_server, vip_address,
 };
 
 /// The service port of these tests (the DSR lab's own servers use 80).
@@ -31,15 +31,7 @@ struct ControlLab {
 
 impl ControlLab {
     fn new() -> Result<Self> {
-        let lab = DsrLab::new()?;
-        for backend in &lab.backends {
-            backend
-                .ns
-                .run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
-        }
-        lab.balancer
-            .ns
-            .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 39999"])?;
+        let lab = DsrLab::new_nat()?;
         let mut control = ControlLab {
             lab,
             servers: BTreeMap::new(),

@@ -14,8 +14,8 @@ use std::{
 
 use anyhow::{Result, ensure};
 use lab::{
-    DsrLab, Family, Forwarding, HOST_IFNAME, MOTO_REGION, MotoServer, Protocol, SERVICE_PORT,
-    Tally, Vip, connect_many, in_netns, vip_address,
+    DsrLab, Family, Forwarding, MOTO_REGION, MotoServer, Protocol, SERVICE_PORT, Tally, Vip,
+    connect_many, in_netns, vip_address,
 };
 
 /// Where the relay listens inside the balancer namespace.
@@ -68,15 +68,7 @@ fn wait_for(lab: &DsrLab, names: &[&str], what: &str) -> Result<Duration> {
 #[tokio::test(flavor = "multi_thread")]
 async fn traffic_follows_ec2_instances() -> Result<()> {
     let mut moto = MotoServer::start()?;
-    let lab = DsrLab::new()?;
-    for backend in &lab.backends {
-        backend
-            .ns
-            .run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
-    }
-    lab.balancer
-        .ns
-        .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 39999"])?;
+    let lab = DsrLab::new_nat()?;
     relay_into(
         &lab.balancer.ns,
         moto.endpoint_url().rsplit(':').next().unwrap().parse()?,

@@ -13,24 +13,19 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use lab::{
-    DsrLab, Family, Forwarding, HOST_IFNAME, Protocol, SERVICE_PORT, ServerGuard, Vip,
-    connect_many, in_netns, spawn_udp_server, tcp_request, udp_request, vip_address,
+    DsrLab, Family, Forwarding, Protocol, SERVICE_PORT, ServerGuard, Vip, connect_many, in_netns,
+    spawn_udp_server, tcp_request, udp_request, vip_address,
 };
 
 const BULK_PORT: u16 = 9000;
 const BULK_BYTES: u64 = 100 * 1024 * 1024;
-/// The balancer's own connections must stay clear of the NAT ports (40000-59999 by default).
-const BALANCER_EPHEMERAL: &str = "32768 39999";
 
 /// The DSR lab's topology with NAT instead: UDP servers too, offload off on the backends, and
 /// the balancer's ephemeral ports moved below the NAT range.
 fn nat_lab() -> Result<(DsrLab, Vec<ServerGuard>)> {
-    let lab = DsrLab::new()?;
+    let lab = DsrLab::new_nat()?;
     let mut servers = Vec::new();
     for backend in &lab.backends {
-        backend
-            .ns
-            .run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
         for family in [Family::V4, Family::V6] {
             servers.push(spawn_udp_server(
                 &backend.ns,
@@ -40,11 +35,6 @@ fn nat_lab() -> Result<(DsrLab, Vec<ServerGuard>)> {
             )?);
         }
     }
-    lab.balancer.ns.run(&[
-        "sysctl",
-        "-qw",
-        &format!("net.ipv4.ip_local_port_range={BALANCER_EPHEMERAL}"),
-    ])?;
     Ok((lab, servers))
 }
 

@@ -11,8 +11,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lab::{
-    DsrLab, Family, Forwarding, HOST_IFNAME, Protocol, SERVICE_PORT, Vip, connect_many, in_netns,
-    lb_binary, vip_address,
+    DsrLab, Family, Forwarding, Protocol, SERVICE_PORT, Vip, connect_many, in_netns, lb_binary,
+    vip_address,
 };
 
 const ADMIN: &str = "127.0.0.1:9930";
@@ -132,15 +132,7 @@ fn metrics(lab: &DsrLab) -> Result<Vec<Sample>> {
 
 #[test]
 fn metrics_and_status_report_what_the_balancer_did() -> Result<()> {
-    let lab = DsrLab::new()?;
-    for backend in &lab.backends {
-        backend
-            .ns
-            .run(&["ethtool", "-K", HOST_IFNAME, "tx", "off"])?;
-    }
-    lab.balancer
-        .ns
-        .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 39999"])?;
+    let lab = DsrLab::new_nat()?;
     let vip = Vip {
         name: "web".into(),
         address: vip_address(Family::V4),

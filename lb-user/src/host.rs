@@ -219,3 +219,33 @@ pub fn ensure_bpffs(pin_path: &std::path::Path) -> Result<()> {
         pin_path.display()
     )
 }
+
+/// What `lb run` still needs once its program is attached: BPF map access (CAP_BPF, and
+/// CAP_PERFMON for the program's pointer arithmetic checks on some kernels) and network
+/// administration (CAP_NET_ADMIN). Everything else a root process holds is dropped, so a bug
+/// in the control plane (HTTP parsing, the EC2 client) cannot be turned into more.
+pub const KEPT_CAPABILITIES: [caps::Capability; 3] = [
+    caps::Capability::CAP_BPF,
+    caps::Capability::CAP_NET_ADMIN,
+    caps::Capability::CAP_PERFMON,
+];
+
+/// Drops every capability but [`KEPT_CAPABILITIES`], from the bounding set too (so no later
+/// exec can regain them).
+pub fn drop_capabilities() -> Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let keep: CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
+    for cap in caps::all().difference(&keep) {
+        // Needs CAP_SETPCAP, which goes with the permitted set below.
+        caps::drop(None, CapSet::Bounding, *cap)
+            .with_context(|| format!("cannot drop {cap} from the bounding set"))?;
+    }
+    caps::clear(None, CapSet::Ambient).context("cannot clear the ambient capabilities")?;
+    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        let current = caps::read(None, set).context("cannot read capabilities")?;
+        caps::set(None, set, &current.intersection(&keep).copied().collect())
+            .with_context(|| format!("cannot set the {set:?} capabilities"))?;
+    }
+    info!(kept = ?KEPT_CAPABILITIES, "capabilities dropped");
+    Ok(())
+}

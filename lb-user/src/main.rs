@@ -95,7 +95,9 @@ impl From<XdpModeArg> for config::XdpMode {
     }
 }
 
-#[tokio::main]
+// One thread: `lb run` drops its capabilities once attached, and capabilities belong to
+// threads; threads started later inherit the reduced set.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -133,7 +135,7 @@ async fn main() -> ExitCode {
             token,
             json,
             watch,
-        } => tokio::task::block_in_place(|| status(admin, token, json, watch)),
+        } => status(admin, token, json, watch),
         Command::Inspect => dataplane::inspect().map(|report| print!("{report}")),
     };
     match result {
@@ -145,7 +147,7 @@ async fn main() -> ExitCode {
     }
 }
 
-/// `lb status`: blocking on purpose (one small GET at a time), hence `block_in_place`.
+/// `lb status`: blocking on purpose (one small GET at a time; nothing else runs).
 fn status(
     admin: SocketAddr,
     token: Option<String>,

@@ -509,6 +509,9 @@ pub async fn run(config_path: &Path) -> Result<()> {
         status_rx,
     );
     let mut admin = tokio::spawn(admin);
+    // Everything that needed more is done: from here on only maps are written and sockets
+    // opened.
+    host::drop_capabilities()?;
 
     let (discovery_reports, mut discovery_rx) = mpsc::unbounded_channel();
     let discovery_tasks = spawn_discovery(&config, &discovery_reports);

@@ -67,7 +67,7 @@ impl ChildGuard {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 

@@ -143,7 +143,8 @@ fn metrics_and_status_report_what_the_balancer_did() -> Result<()> {
         extra: "[vip.health]\ninterval = \"300ms\"\ntimeout = \"200ms\"\n".into(),
         discovery: None,
     };
-    let _balancer = lab.start_balancer(&lab.config(vec![vip]))?;
+    let balancer = lab.start_balancer(&lab.config(vec![vip]))?;
+    assert_least_privilege(balancer.process.pid())?;
 
     // Wait until the health checks have passed and a snapshot says so.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -239,5 +240,29 @@ fn metrics_and_status_report_what_the_balancer_did() -> Result<()> {
             .ns
             .run(&[lb.to_str().unwrap(), "status", "--admin", ADMIN, "--json"])?;
     ensure!(serde_json::from_str::<serde_json::Value>(&json)?["interface"] == "eth0");
+    Ok(())
+}
+
+/// Once attached, every thread of `lb run` keeps only CAP_NET_ADMIN (12), CAP_PERFMON (38) and
+/// CAP_BPF (39), in its effective, permitted and bounding sets.
+fn assert_least_privilege(pid: u32) -> Result<()> {
+    const KEPT: u64 = 1 << 12 | 1 << 38 | 1 << 39;
+    // The log says so once the drop is done; give the process a moment to get there.
+    std::thread::sleep(Duration::from_millis(300));
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        for field in ["CapEff", "CapPrm", "CapBnd"] {
+            let value = status
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{field}:")))
+                .context("no capability line")?;
+            let mask = u64::from_str_radix(value.trim(), 16)?;
+            ensure!(
+                mask == KEPT,
+                "lb run thread {field} = {mask:#x}, expected {KEPT:#x}"
+            );
+        }
+    }
+    println!("lb run keeps only CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF on every thread");
     Ok(())
 }

@@ -113,7 +113,13 @@ fn ipv4_header(tot_len: u16, tos: u8, df: bool, proto: u8, s: [u8; 4], d: [u8; 4
     h
 }
 
-fn ipv6_header(version_tc_flow: u32, payload_len: u16, next: u8, s: [u8; 16], d: [u8; 16]) -> [u8; 40] {
+fn ipv6_header(
+    version_tc_flow: u32,
+    payload_len: u16,
+    next: u8,
+    s: [u8; 16],
+    d: [u8; 16],
+) -> [u8; 40] {
     let mut h = [0u8; 40];
     h[0..4].copy_from_slice(&version_tc_flow.to_be_bytes());
     h[4..6].copy_from_slice(&payload_len.to_be_bytes());
@@ -286,7 +292,12 @@ pub fn with_macs(input: &[u8], dst_mac: Mac, src_mac: Mac) -> Vec<u8> {
 
 /// `input` with new MACs, addresses and ports, and every checksum recomputed from scratch:
 /// what a correct NAT rewrite must produce (the program updates them incrementally).
-pub fn nat_rewrite(input: &[u8], macs: (Mac, Mac), src: (IpAddr, u16), dst: (IpAddr, u16)) -> Vec<u8> {
+pub fn nat_rewrite(
+    input: &[u8],
+    macs: (Mac, Mac),
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+) -> Vec<u8> {
     let mut out = with_macs(input, macs.0, macs.1);
     let ip = &mut out[ETH_HLEN..];
     let off = match (src.0, dst.0) {
@@ -309,13 +320,6 @@ pub fn nat_rewrite(input: &[u8], macs: (Mac, Mac), src: (IpAddr, u16), dst: (IpA
     ip[off + 2..off + 4].copy_from_slice(&dst.1.to_be_bytes());
     fix_l4_checksum(ip);
     out
-}
-
-/// The TCP/UDP source port of an untagged frame.
-pub fn src_port(frame: &[u8]) -> u16 {
-    let (_, off, _, _) = ip_parts(&frame[ETH_HLEN..]);
-    let at = ETH_HLEN + off;
-    u16::from_be_bytes([frame[at], frame[at + 1]])
 }
 
 #[cfg(test)]

@@ -29,6 +29,8 @@ struct TestAttr {
     flags: u32,
     cpu: u32,
     batch_size: u32,
+    /// Explicit, so it is zero: the kernel rejects non-zero bytes after the last field.
+    _pad: u32,
 }
 
 /// What one BPF_PROG_TEST_RUN call reports.

@@ -56,8 +56,19 @@ pub struct DesiredVip {
 pub struct DesiredBackend {
     pub address: IpAddr,
     pub weight: u32,
-    /// Passed its health checks (or is not checked).
-    pub healthy: bool,
+    pub health: BackendHealth,
+}
+
+/// What the health checks say of a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendHealth {
+    /// Passed `rise` checks, or is not checked.
+    Up,
+    /// Failed `fall` checks: out of the table, its flows move.
+    Down,
+    /// Not judged yet (new, or just after a restart): out of the table for new flows, but the
+    /// flows already pinned to it stay, so a start-up never resets connections.
+    Unknown,
 }
 
 /// The VIP key of an address, port (host order) and protocol.
@@ -81,11 +92,11 @@ pub fn addr_of(address: IpAddr) -> (lb_common::Addr, u8) {
 
 /// The desired state a configuration file describes (static backends). `default_snat` gives
 /// the SNAT address of a NAT VIP that names none (the interface's address of that family);
-/// `healthy` tells whether a VIP's backend passes its health checks.
+/// `health` tells what the health checks say of a VIP's backend.
 pub fn desired_from_config(
     config: &Config,
     default_snat: impl Fn(IpAddr) -> Option<IpAddr>,
-    healthy: impl Fn(&str, IpAddr) -> bool,
+    health: impl Fn(&str, IpAddr) -> BackendHealth,
 ) -> Vec<DesiredVip> {
     config
         .vips
@@ -106,7 +117,7 @@ pub fn desired_from_config(
                 .map(|b| DesiredBackend {
                     address: b.address,
                     weight: b.weight,
-                    healthy: healthy(&vip.name, b.address),
+                    health: health(&vip.name, b.address),
                 })
                 .collect(),
             drain_timeout: vip.drain_timeout,
@@ -177,6 +188,8 @@ pub enum BackendPhase {
     Active,
     /// Failed its health checks: out of the table, its established flows move.
     Down,
+    /// Not judged yet: out of the table, its established flows stay.
+    Pending,
     /// Out of the table since the instant; freed when its drain timeout ends.
     Draining(Instant),
 }
@@ -443,7 +456,11 @@ impl Reconciler {
         state.drain_timeout = desired.drain_timeout;
 
         // Every backend down: all of them take traffic rather than none (as AWS NLB does).
-        let fail_open = !desired.backends.is_empty() && desired.backends.iter().all(|b| !b.healthy);
+        let fail_open = !desired.backends.is_empty()
+            && desired
+                .backends
+                .iter()
+                .all(|b| b.health != BackendHealth::Up);
         if fail_open != state.fail_open {
             changes.fail_open_changed += 1;
         }
@@ -453,10 +470,11 @@ impl Reconciler {
         // it only after the new table is live (`after_swap`).
         let mut after_swap = Vec::new();
         for backend in &desired.backends {
-            let phase = if backend.healthy || fail_open {
-                BackendPhase::Active
-            } else {
-                BackendPhase::Down
+            let phase = match backend.health {
+                _ if fail_open => BackendPhase::Active,
+                BackendHealth::Up => BackendPhase::Active,
+                BackendHealth::Down => BackendPhase::Down,
+                BackendHealth::Unknown => BackendPhase::Pending,
             };
             let entry = match state.backends.get_mut(&backend.address) {
                 Some(existing) if existing.phase == phase => {
@@ -480,11 +498,11 @@ impl Reconciler {
             entry.weight = backend.weight;
             entry.phase = phase;
             let written = data_plane_backend(backend.address, &phase);
-            if phase == BackendPhase::Active {
-                maps.write_backend(entry.id, &written)?;
-            } else {
+            if phase == BackendPhase::Down {
                 changes.backends_down += 1;
                 after_swap.push((entry.id, written));
+            } else {
+                maps.write_backend(entry.id, &written)?;
             }
         }
         for (address, backend) in state.backends.iter_mut() {
@@ -588,7 +606,9 @@ pub fn address_of(backend: &Backend) -> Option<IpAddr> {
 fn data_plane_backend(address: IpAddr, phase: &BackendPhase) -> Backend {
     let (addr, family) = addr_of(address);
     let state = match phase {
-        BackendPhase::Active => backend_state::ACTIVE,
+        // Pending backends keep their flows: the data plane treats them as active, only the
+        // table (new flows) leaves them out.
+        BackendPhase::Active | BackendPhase::Pending => backend_state::ACTIVE,
         BackendPhase::Down => backend_state::DOWN,
         BackendPhase::Draining(_) => backend_state::DRAINING,
     };
@@ -672,7 +692,7 @@ mod tests {
                 .map(|a| DesiredBackend {
                     address: a.parse().unwrap(),
                     weight: 1,
-                    healthy: true,
+                    health: BackendHealth::Up,
                 })
                 .collect(),
             drain_timeout: Duration::from_secs(30),
@@ -923,7 +943,12 @@ mod tests {
 
     fn with_health(mut desired: DesiredVip, down: &[&str]) -> DesiredVip {
         for backend in &mut desired.backends {
-            backend.healthy = !down.contains(&backend.address.to_string().as_str());
+            let failed = down.contains(&backend.address.to_string().as_str());
+            backend.health = if failed {
+                BackendHealth::Down
+            } else {
+                BackendHealth::Up
+            };
         }
         desired
     }
@@ -977,5 +1002,28 @@ mod tests {
                 .all(|b| b.phase == BackendPhase::Active)
         );
         assert!(maps.tables[&0].contains(&1) && maps.tables[&0].contains(&2));
+    }
+
+    #[test]
+    fn a_backend_not_yet_checked_takes_no_new_flows_but_keeps_its_own() {
+        let mut reconciler = Reconciler::new();
+        let mut maps = Recorder::default();
+        let now = Instant::now();
+        let all = ["10.1.0.2", "10.1.0.3"];
+        reconciler.apply(&[vip(&all)], &mut maps, now).unwrap();
+        maps.writes.clear();
+        let mut pending = vip(&all);
+        pending.backends[1].health = BackendHealth::Unknown;
+        let changes = reconciler.apply(&[pending], &mut maps, now).unwrap();
+        assert_eq!(changes.backends_down, 0);
+        // Out of the table, but never marked down: its pinned flows are not reset.
+        assert!(
+            !maps
+                .writes
+                .contains(&Write::Backend(2, backend_state::DOWN)),
+            "{:?}",
+            maps.writes
+        );
+        assert!(!maps.tables[&1].contains(&2));
     }
 }

@@ -24,7 +24,9 @@ use crate::{
     discovery::{self, DiscoveredBackend, InstanceState, KeepLastGood, Refresh, ec2::Ec2Discovery},
     health::{Check, Health, HealthChecker, HealthEvent, HealthState, Target, TargetKey},
     host,
-    reconcile::{BackendPhase, Changes, DesiredVip, Reconciler, desired_from_config},
+    reconcile::{
+        BackendHealth, BackendPhase, Changes, DesiredVip, Reconciler, desired_from_config,
+    },
     status::{BackendStatus, DiscoveryStatus, ReasonCount, Status, VipStatus},
 };
 
@@ -79,14 +81,20 @@ fn desired_state(config: &Config, health: &HealthView) -> Result<Vec<DesiredVip>
         .filter(|vip| vip.health.check == Check::None)
         .map(|vip| vip.name.as_str())
         .collect();
-    let healthy = |vip: &str, backend: IpAddr| {
-        unchecked.contains(&vip)
-            || health.get(&TargetKey {
-                vip: vip.to_owned(),
-                backend,
-            }) == Some(&Health::Up)
+    let judged = |vip: &str, backend: IpAddr| {
+        if unchecked.contains(&vip) {
+            return BackendHealth::Up;
+        }
+        match health.get(&TargetKey {
+            vip: vip.to_owned(),
+            backend,
+        }) {
+            Some(Health::Up) => BackendHealth::Up,
+            Some(Health::Down) => BackendHealth::Down,
+            Some(Health::Unknown) | None => BackendHealth::Unknown,
+        }
     };
-    let desired = desired_from_config(config, default_snat, healthy);
+    let desired = desired_from_config(config, default_snat, judged);
     let nat: Vec<&DesiredVip> = desired
         .iter()
         .filter(|vip| vip.mode == ForwardingMode::Nat)
@@ -377,6 +385,7 @@ impl Balancing {
                     state: match backend.phase {
                         BackendPhase::Active => "active",
                         BackendPhase::Down => "down",
+                        BackendPhase::Pending => "pending",
                         BackendPhase::Draining(_) => "draining",
                     }
                     .into(),

@@ -173,7 +173,7 @@ fn desired(service: &Service, backends: &[String]) -> DesiredVip {
             .map(|a| DesiredBackend {
                 address: a.parse().unwrap(),
                 weight: 1,
-                healthy: true,
+                health: lb_user::reconcile::BackendHealth::Up,
             })
             .collect(),
         drain_timeout: Duration::from_secs(30),

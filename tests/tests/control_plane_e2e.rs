@@ -126,8 +126,10 @@ fn a_dead_backend_is_taken_out_and_rejoins_after_rise_checks() -> Result<()> {
     let mut late_b1 = 0;
     let mut early_failures = 0;
     while killed.elapsed() < DETECTION + Duration::from_secs(1) {
-        let tally = lab.burst(20)?;
+        // A burst counts by when it started: a connection begun before the deadline may still
+        // have been in flight to the dead backend when it timed out.
         let after_deadline = killed.elapsed() > DETECTION;
+        let tally = lab.burst(20)?;
         if after_deadline {
             late_failures.extend(tally.errors.clone());
             late_b1 += tally.per_name.get("b1").copied().unwrap_or(0);

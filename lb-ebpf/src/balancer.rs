@@ -22,10 +22,8 @@ mod stats;
 mod verdict;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use lb_common::{
-    FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, Reason, Settings, VipInfo, VipKey, flow_hash,
-};
-use lb_ebpf::packet::{Headers, parse_l2, parse_l3, parse_l4};
+use lb_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, Reason, Settings, VipInfo, VipKey, flow_hash};
+use lb_ebpf::packet::{Headers, flow_key, parse_l2, parse_l3, parse_l4};
 
 use maps::{BACKEND_STATS, SCRATCH, SETTINGS, Scratch, VIP_STATS, VIPS};
 use verdict::Verdict;
@@ -90,15 +88,7 @@ fn forward_to_backend(
     scratch: &mut Scratch,
 ) -> Result<(u32, Reason), Reason> {
     let Headers { l3, l4, .. } = scratch.headers;
-    scratch.flow = FlowKey {
-        src: l3.src,
-        dst: l3.dst,
-        src_port: l4.src_port,
-        dst_port: l4.dst_port,
-        proto: l3.proto,
-        family: l3.family,
-        _pad: [0; 2],
-    };
+    scratch.flow = flow_key(&l3, &l4);
     let hash = flow_hash(&scratch.flow);
     let selection = conntrack::select(settings, scratch, hash, vip, l4.tcp_flags)?;
     let result = forward::forward(ctx, settings, &scratch.headers, vip, &selection, hash)?;

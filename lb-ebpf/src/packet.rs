@@ -178,6 +178,20 @@ pub fn parse_l4(ctx: &XdpContext, l3: &L3) -> Result<L4, Reason> {
     }
 }
 
+/// The 5-tuple of a TCP/UDP packet as it is on the wire: the connection-table and NAT key.
+#[inline(always)]
+pub fn flow_key(l3: &L3, l4: &L4) -> lb_common::FlowKey {
+    lb_common::FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        src_port: l4.src_port,
+        dst_port: l4.dst_port,
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    }
+}
+
 /// The parsed headers of a TCP/UDP packet, passed by reference between the program's parts.
 #[derive(Clone, Copy)]
 pub struct Headers {

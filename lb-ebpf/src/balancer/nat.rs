@@ -11,7 +11,7 @@ use lb_common::{
 use lb_ebpf::{
     csum,
     headers::*,
-    packet::{L3, L4, ptr_at},
+    packet::{L3, L4, flow_key, ptr_at},
 };
 
 use crate::maps::{NAT_REVERSE, Scratch};
@@ -229,15 +229,7 @@ pub fn reply_tuple(settings: &Settings, l3: &L3, l4: &L4) -> Result<Tuple, Reaso
     if port < settings.snat_port_min || port > settings.snat_port_max {
         return Err(Reason::PassNotVip);
     }
-    let key = FlowKey {
-        src: l3.src,
-        dst: l3.dst,
-        src_port: l4.src_port,
-        dst_port: l4.dst_port,
-        proto: l3.proto,
-        family: l3.family,
-        _pad: [0; 2],
-    };
+    let key = flow_key(l3, l4);
     let reverse = NAT_REVERSE
         .get_ptr_mut(&key)
         .ok_or(Reason::PassNatReverseMiss)?;

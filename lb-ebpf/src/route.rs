@@ -47,8 +47,15 @@ pub fn lookup(
     (src, dst): (&Addr, &Addr),
     tot_len: u16,
 ) -> Result<Route, Reason> {
-    *params = unsafe { core::mem::zeroed() };
+    // Every input field is written explicitly instead of zeroing the block first: a 64-byte
+    // zeroing compiles to a byte loop, paid on every forwarded packet. The outputs (MACs, the
+    // rewritten destination) are the kernel's to write.
     params.family = family;
+    params.l4_protocol = 0;
+    params.sport = 0;
+    params.dport = 0;
+    params.__bindgen_anon_2.flowinfo = 0;
+    params.__bindgen_anon_5.tbid = 0;
     params.ifindex = ctx.ingress_ifindex() as u32;
     params.__bindgen_anon_1.tot_len = tot_len;
     if family == FAMILY_V4 {

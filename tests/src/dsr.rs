@@ -28,6 +28,9 @@ pub const VIP_SUBNET_V6: &str = "fd00:18:1::/64";
 /// The port the VIPs and the backends' who-am-I servers listen on.
 pub const SERVICE_PORT: u16 = 80;
 
+/// Default health checks (TCP, every 2 s, rise 2) pass within about two intervals.
+const HEALTHY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The GUE port tests use (`gue_port` in the config, `--gue-port` on the backends).
 pub const GUE_PORT: u16 = 6080;
 
@@ -156,13 +159,27 @@ impl DsrLab {
             .collect()
     }
 
-    /// Starts `lb run` in the balancer namespace with `config` (kept in the lab directory).
+    /// Starts `lb run` in the balancer namespace with `config` (kept in the lab directory),
+    /// and waits until the health checks have passed for every backend of its TCP VIPs: until
+    /// then new flows only go to the backends already judged up, which would skew any count.
     pub fn start_balancer(&self, config: &LbConfig) -> Result<Balancer> {
-        Balancer::start(
+        let mut balancer = Balancer::start(
             &self.balancer.ns,
             self.lab.workdir().join("lb.toml"),
             config,
-        )
+        )?;
+        let checked: usize = config
+            .vips
+            .iter()
+            .filter(|vip| vip.protocol == Protocol::Tcp)
+            .map(|vip| vip.backends.len())
+            .sum();
+        for _ in 0..checked {
+            balancer
+                .process
+                .wait_for_line("backend is up", HEALTHY_TIMEOUT)?;
+        }
+        Ok(balancer)
     }
 
     /// The backend owning Ethernet address `mac`.

@@ -198,6 +198,23 @@ struct Fixture {
 
 fn prepare_namespace(ns: &Ns) -> Result<()> {
     let ip = |args: &[&str]| ns.run(&[&["ip"], args].concat()).map(drop);
+    // A static neighbour entry, so bpf_fib_lookup resolves `address` to `mac`.
+    let neighbour = |address: &str, mac: [u8; 6]| {
+        let family = if address.contains(':') { "-6" } else { "-4" };
+        let mac = mac_string(mac);
+        ip(&[
+            family,
+            "neigh",
+            "replace",
+            address,
+            "lladdr",
+            &mac,
+            "dev",
+            NIC,
+            "nud",
+            "permanent",
+        ])
+    };
     ip(&["link", "add", NIC, "type", "veth", "peer", "name", "fx1"])?;
     ip(&["link", "set", NIC, "address", &mac_string(BALANCER_MAC)])?;
     for link in ["lo", NIC, "fx1"] {
@@ -208,67 +225,14 @@ fn prepare_namespace(ns: &Ns) -> Result<()> {
     // The clients, reached through the NIC too (NAT replies and ICMP go back to them).
     ip(&["route", "add", "192.0.2.0/24", "dev", NIC])?;
     ip(&["-6", "route", "add", "2001:db8::/64", "dev", NIC])?;
-    ip(&[
-        "neigh",
-        "replace",
-        CLIENT4,
-        "lladdr",
-        &mac_string(CLIENT_MAC),
-        "dev",
-        NIC,
-        "nud",
-        "permanent",
-    ])?;
-    ip(&[
-        "-6",
-        "neigh",
-        "replace",
-        CLIENT6,
-        "lladdr",
-        &mac_string(CLIENT_MAC),
-        "dev",
-        NIC,
-        "nud",
-        "permanent",
-    ])?;
+    neighbour(CLIENT4, CLIENT_MAC)?;
+    neighbour(CLIENT6, CLIENT_MAC)?;
     for last in KNOWN_BACKENDS {
-        let mac = mac_string(backend_mac(last));
-        ip(&[
-            "neigh",
-            "replace",
-            &v4_backend(last),
-            "lladdr",
-            &mac,
-            "dev",
-            NIC,
-            "nud",
-            "permanent",
-        ])?;
-        ip(&[
-            "-6",
-            "neigh",
-            "replace",
-            &v6_backend(last),
-            "lladdr",
-            &mac,
-            "dev",
-            NIC,
-            "nud",
-            "permanent",
-        ])?;
+        neighbour(&v4_backend(last), backend_mac(last))?;
+        neighbour(&v6_backend(last), backend_mac(last))?;
     }
     // An off-link backend: reachable only through a gateway, so not valid for l2 mode.
-    ip(&[
-        "neigh",
-        "replace",
-        "10.1.0.254",
-        "lladdr",
-        &mac_string(backend_mac(254)),
-        "dev",
-        NIC,
-        "nud",
-        "permanent",
-    ])?;
+    neighbour("10.1.0.254", backend_mac(254))?;
     ip(&["route", "add", "10.2.0.0/24", "via", "10.1.0.254"])?;
     ns.run(&[
         "sysctl",

@@ -164,26 +164,12 @@ fn tcp_and_udp_through_nat_reach_untouched_backends() -> Result<()> {
     );
 
     // The balancer answers pings to the VIP itself.
-    lab.client.ns.run(&[
-        "ping",
-        "-c",
-        "2",
-        "-i",
-        "0.2",
-        "-W",
-        "1",
-        &vip_address(Family::V4).to_string(),
-    ])?;
-    lab.client.ns.run(&[
-        "ping",
-        "-c",
-        "2",
-        "-i",
-        "0.2",
-        "-W",
-        "1",
-        &vip_address(Family::V6).to_string(),
-    ])?;
+    for family in [Family::V4, Family::V6] {
+        let vip = vip_address(family).to_string();
+        lab.client
+            .ns
+            .run(&["ping", "-c", "2", "-i", "0.2", "-W", "1", &vip])?;
+    }
     drop(balancer);
     Ok(())
 }

@@ -33,6 +33,8 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// When set, every request but `/healthz` needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// Serve `/healthz` only: the HA peer endpoint, reachable by the other balancers.
+    pub health_only: bool,
 }
 
 /// Serves until the future is dropped (which also closes open connections). Only binding fails:
@@ -41,19 +43,20 @@ pub async fn serve(config: AdminConfig, status: watch::Receiver<Status>) -> anyh
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {} for the admin endpoint", config.listen))?;
-    if config.token.is_none() && !config.listen.ip().is_loopback() {
+    if config.token.is_none() && !config.health_only && !config.listen.ip().is_loopback() {
         warn!(
             listen = %config.listen,
             "the admin endpoint is reachable from the network without a token"
         );
     }
-    info!(listen = %config.listen, "admin endpoint listening");
-    serve_on(listener, config.token, status).await
+    info!(listen = %config.listen, health_only = config.health_only, "admin endpoint listening");
+    serve_on(listener, config.token, config.health_only, status).await
 }
 
 async fn serve_on(
     listener: TcpListener,
     token: Option<String>,
+    health_only: bool,
     status: watch::Receiver<Status>,
 ) -> anyhow::Result<()> {
     let token: Option<Arc<str>> = token.map(Into::into);
@@ -82,7 +85,11 @@ async fn serve_on(
                 let service = {
                     let (token, status) = (token.clone(), status.clone());
                     service_fn(move |request| {
-                        let response = respond(&request, token.as_deref(), &status);
+                        let response = if health_only && request.uri().path() != "/healthz" {
+                            plain(StatusCode::NOT_FOUND, "only /healthz is served here\n")
+                        } else {
+                            respond(&request, token.as_deref(), &status)
+                        };
                         std::future::ready(Ok::<_, Infallible>(response))
                     })
                 };
@@ -405,6 +412,61 @@ pub fn render_metrics(status: &Status) -> String {
             out.sample(name, &labels(&[("vip", &source.vip)]), value(source));
         }
     }
+    if let Some(ha) = &status.ha {
+        let cluster = labels(&[
+            ("cluster", &ha.cluster),
+            ("entry", &ha.entry),
+            ("address", &ha.address),
+        ]);
+        type HaFamily = (
+            &'static str,
+            Kind,
+            &'static str,
+            fn(&crate::ha::HaState) -> Option<f64>,
+        );
+        let families: [HaFamily; 6] = [
+            (
+                "lb_ha_leader",
+                Kind::Gauge,
+                "1 while this balancer holds the entry point and serves its VIPs.",
+                |ha| Some(f64::from(u8::from(ha.leader))),
+            ),
+            (
+                "lb_ha_takeovers_total",
+                Kind::Counter,
+                "Times this balancer took the entry point over.",
+                |ha| Some(ha.takeovers as f64),
+            ),
+            (
+                "lb_ha_last_failover_seconds",
+                Kind::Gauge,
+                "From the first failed check of the old leader to holding the entry point, at the last take-over by this balancer.",
+                |ha| ha.last_failover_seconds,
+            ),
+            (
+                "lb_ha_missed_checks",
+                Kind::Gauge,
+                "Consecutive failed checks of the current leader.",
+                |ha| Some(f64::from(ha.missed_checks)),
+            ),
+            (
+                "lb_ha_api_errors_total",
+                Kind::Counter,
+                "EC2 calls of the election that failed (nothing changes on them).",
+                |ha| Some(ha.api_errors as f64),
+            ),
+            (
+                "lb_ha_lost_races_total",
+                Kind::Counter,
+                "Take-overs EC2 refused because another balancer moved the entry point first.",
+                |ha| Some(ha.lost_races as f64),
+            ),
+        ];
+        for (name, kind, help, value) in families {
+            out.family(name, kind, help);
+            out.sample(name, &cluster, value(ha));
+        }
+    }
     out.single(
         "lb_uptime_seconds",
         Kind::Gauge,
@@ -672,6 +734,20 @@ pub(crate) mod tests {
                 consecutive_failures: 0,
                 refused: 1,
             }],
+            ha: Some(crate::ha::HaState {
+                cluster: "edge".into(),
+                entry: "eip".into(),
+                address: "203.0.113.10".into(),
+                instance_id: "i-0b1".into(),
+                leader: true,
+                holder: "i-0b1".into(),
+                serving_address: Some("10.0.1.5".parse().unwrap()),
+                takeovers: 1,
+                last_failover_seconds: Some(3.25),
+                missed_checks: 0,
+                api_errors: 2,
+                lost_races: 0,
+            }),
         }
     }
 
@@ -895,6 +971,12 @@ pub(crate) mod tests {
                 "lb_discovery_failures_total",
                 "lb_discovery_consecutive_failures",
                 "lb_discovery_backends",
+                "lb_ha_leader",
+                "lb_ha_takeovers_total",
+                "lb_ha_last_failover_seconds",
+                "lb_ha_missed_checks",
+                "lb_ha_api_errors_total",
+                "lb_ha_lost_races_total",
                 "lb_uptime_seconds",
                 "lb_build_info",
             ]
@@ -988,6 +1070,20 @@ pub(crate) mod tests {
         assert_eq!(global("lb_config_reloads_total"), Some(2.0));
         assert_eq!(global("lb_config_reload_failures_total"), Some(1.0));
         assert_eq!(global("lb_uptime_seconds"), Some(3723.5));
+        let cluster = [
+            ("cluster", "edge"),
+            ("entry", "eip"),
+            ("address", "203.0.113.10"),
+        ];
+        assert_eq!(value(&families, "lb_ha_leader", &cluster), Some(1.0));
+        assert_eq!(
+            value(&families, "lb_ha_last_failover_seconds", &cluster),
+            Some(3.25)
+        );
+        assert_eq!(
+            value(&families, "lb_ha_api_errors_total", &cluster),
+            Some(2.0)
+        );
         assert_eq!(
             value(&families, "lb_build_info", &[("version", "0.1.0")]),
             Some(1.0)
@@ -1047,7 +1143,7 @@ pub(crate) mod tests {
         let (sender, receiver) = watch::channel(sample_status());
         let token = token.map(str::to_owned);
         let server = tokio::spawn(async move {
-            serve_on(listener, token, receiver).await.unwrap();
+            serve_on(listener, token, false, receiver).await.unwrap();
         });
         (addr, sender, server)
     }
@@ -1114,6 +1210,21 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn the_peer_endpoint_serves_healthz_only() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_sender, receiver) = watch::channel(sample_status());
+        let server = tokio::spawn(async move {
+            serve_on(listener, None, true, receiver).await.unwrap();
+        });
+        assert_eq!(request(addr, "GET", "/healthz", "").await.code, 200);
+        for path in ["/status", "/metrics"] {
+            assert_eq!(request(addr, "GET", path, "").await.code, 404, "{path}");
+        }
+        server.abort();
+    }
+
+    #[tokio::test]
     async fn a_token_guards_everything_but_healthz() {
         let (addr, _sender, _server) = start(Some("s3cret")).await;
         for path in ["/metrics", "/status", "/nope"] {
@@ -1169,6 +1280,7 @@ pub(crate) mod tests {
         let config = AdminConfig {
             listen: taken.local_addr().unwrap(),
             token: None,
+            health_only: false,
         };
         let err = serve(config, watch::channel(Status::default()).1)
             .await

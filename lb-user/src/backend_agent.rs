@@ -12,7 +12,7 @@ use tracing::info;
 use crate::{
     config::XdpMode,
     dataplane::Decap,
-    host::{self, LoopbackAddresses, SysctlGuard},
+    host::{self, InterfaceAddresses, SysctlGuard},
     reconcile::addr_of,
 };
 
@@ -61,7 +61,7 @@ pub async fn run(options: BackendOptions) -> Result<()> {
     for scope in ["all", "lo", interface] {
         sysctls.set(&format!("net.ipv4.conf.{scope}.rp_filter"), "0")?;
     }
-    let mut loopback = LoopbackAddresses::default();
+    let mut loopback = InterfaceAddresses::new("lo");
     for vip in &options.vips {
         loopback.add(*vip)?;
         decap.add_address(&decap_key(*vip, DECAP_ROLE_VIP))?;

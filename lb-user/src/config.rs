@@ -6,7 +6,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -15,6 +15,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::{
     discovery::ec2::Ec2Config,
+    ha::{self, Entry, HaConfig},
     health::{Check, DEFAULT_HTTP_EXPECT, HealthConfig},
 };
 use lb_common::{ForwardingMode, MAX_BACKENDS, MAX_VIPS};
@@ -42,6 +43,8 @@ pub struct Config {
     pub dataplane: Dataplane,
     pub admin: Admin,
     pub vips: Vec<Vip>,
+    /// Balancer high availability: `None` runs alone and serves every VIP.
+    pub ha: Option<HaConfig>,
 }
 
 /// The admin endpoint: /metrics, /status, /healthz.
@@ -220,6 +223,24 @@ struct RawConfig {
     admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     vip: Vec<Spanned<RawVip>>,
+    ha: Option<Spanned<RawHa>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHa {
+    cluster: Spanned<String>,
+    entry: Spanned<String>,
+    address: Spanned<String>,
+    region: String,
+    allocation_id: Option<Spanned<String>>,
+    route_table_ids: Option<Spanned<Vec<String>>>,
+    endpoint_url: Option<String>,
+    imds_endpoint: Option<String>,
+    peer_port: Option<u16>,
+    interval: Option<Spanned<String>>,
+    failures: Option<Spanned<u32>>,
+    stagger: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -421,10 +442,164 @@ impl Checker<'_> {
             ));
         }
         let admin = self.admin(raw.admin.as_ref())?;
+        let ha = match &raw.ha {
+            Some(ha) => Some(self.ha(ha, &vips)?),
+            None => None,
+        };
         Ok(Config {
             dataplane,
             admin,
             vips,
+            ha,
+        })
+    }
+
+    /// `[ha]`: the entry point, and which VIPs it carries (those on its address).
+    fn ha(&self, spanned: &Spanned<RawHa>, vips: &[Vip]) -> Result<HaConfig, ConfigError> {
+        let raw = spanned.get_ref();
+        let cluster = raw.cluster.get_ref().trim();
+        if cluster.is_empty()
+            || cluster.len() > 128
+            || !cluster
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(self.at(
+                &raw.cluster,
+                format!("[ha] cluster \"{cluster}\" must be 1-128 letters, digits, '-', '_' or '.' (the value of the {} tag)", ha::CLUSTER_TAG),
+            ));
+        }
+        if raw.region.trim().is_empty() {
+            return Err(self.at(
+                spanned,
+                "[ha] needs the region of the cluster's instances".into(),
+            ));
+        }
+        let address: Ipv4Addr = match raw.address.get_ref().parse() {
+            Ok(address) if is_unicast(IpAddr::V4(address)) => address,
+            _ => {
+                return Err(self.at(
+                    &raw.address,
+                    format!("[ha] address \"{}\" is not a unicast IPv4 address (the entry point is IPv4)", raw.address.get_ref()),
+                ));
+            }
+        };
+        if !vips.iter().any(|vip| vip.address == IpAddr::V4(address)) {
+            return Err(self.at(
+                &raw.address,
+                format!("[ha] address {address} is the address of no [[vip]]: the leader would hold an entry point that serves nothing"),
+            ));
+        }
+        let misplaced = |key: &str, entry: &str| {
+            self.at(
+                &raw.entry,
+                format!(
+                    "[ha] {key} belongs to entry = \"{entry}\", not \"{}\"",
+                    raw.entry.get_ref()
+                ),
+            )
+        };
+        let entry = match raw.entry.get_ref().as_str() {
+            "eip" => {
+                if raw.route_table_ids.is_some() {
+                    return Err(misplaced("route_table_ids", "route"));
+                }
+                let Some(id) = &raw.allocation_id else {
+                    return Err(self.at(
+                        &raw.entry,
+                        "[ha] entry = \"eip\" needs allocation_id = \"eipalloc-...\"".into(),
+                    ));
+                };
+                if !id.get_ref().starts_with("eipalloc-") {
+                    return Err(self.at(id, format!("[ha] allocation_id \"{}\" is not an Elastic IP allocation id (eipalloc-...)", id.get_ref())));
+                }
+                Entry::ElasticIp {
+                    allocation_id: id.get_ref().clone(),
+                }
+            }
+            "secondary-ip" => {
+                if raw.allocation_id.is_some() {
+                    return Err(misplaced("allocation_id", "eip"));
+                }
+                if raw.route_table_ids.is_some() {
+                    return Err(misplaced("route_table_ids", "route"));
+                }
+                Entry::SecondaryIp
+            }
+            "route" => {
+                if raw.allocation_id.is_some() {
+                    return Err(misplaced("allocation_id", "eip"));
+                }
+                let tables = raw
+                    .route_table_ids
+                    .as_ref()
+                    .map(|t| t.get_ref().clone())
+                    .unwrap_or_default();
+                if tables.is_empty() || tables.iter().any(|t| !t.starts_with("rtb-")) {
+                    return Err(self.at(
+                        &raw.entry,
+                        "[ha] entry = \"route\" needs route_table_ids = [\"rtb-...\", ...]".into(),
+                    ));
+                }
+                Entry::Route {
+                    route_table_ids: tables,
+                }
+            }
+            other => {
+                return Err(self.at(&raw.entry, format!("[ha] entry = \"{other}\" is not one of \"eip\", \"secondary-ip\", \"route\"")));
+            }
+        };
+        let interval =
+            self.duration(raw.interval.as_ref(), ha::DEFAULT_INTERVAL, "[ha] interval")?;
+        if interval < ha::MIN_INTERVAL {
+            let message = format!(
+                "[ha] interval {interval:?} is shorter than {:?}: every check is two EC2 API calls",
+                ha::MIN_INTERVAL
+            );
+            return Err(match &raw.interval {
+                Some(text) => self.at(text, message),
+                None => self.at(spanned, message),
+            });
+        }
+        let failures = match &raw.failures {
+            None => ha::DEFAULT_FAILURES,
+            Some(f) if (1..=100).contains(f.get_ref()) => *f.get_ref(),
+            Some(f) => {
+                return Err(self.at(
+                    f,
+                    format!(
+                        "[ha] failures must be between 1 and 100, not {}",
+                        f.get_ref()
+                    ),
+                ));
+            }
+        };
+        let stagger = match &raw.stagger {
+            None => ha::DEFAULT_STAGGER,
+            Some(text) => humantime::parse_duration(text.get_ref()).map_err(|err| {
+                self.at(
+                    text,
+                    format!(
+                        "[ha] stagger = \"{}\" is not a duration like \"2s\": {err}",
+                        text.get_ref()
+                    ),
+                )
+            })?,
+        };
+        if raw.peer_port == Some(0) {
+            return Err(self.at(spanned, "[ha] peer_port must be between 1 and 65535".into()));
+        }
+        Ok(HaConfig {
+            cluster: cluster.to_owned(),
+            entry,
+            address,
+            region: raw.region.trim().to_owned(),
+            endpoint_url: raw.endpoint_url.clone(),
+            imds_endpoint: raw.imds_endpoint.clone(),
+            peer_port: raw.peer_port.unwrap_or(ha::DEFAULT_PEER_PORT),
+            interval,
+            failures,
+            stagger,
         })
     }
 
@@ -1090,6 +1265,119 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
             Check::None,
             "UDP VIPs are not checked by default"
         );
+    }
+
+    const HA: &str = "\n[ha]\ncluster = \"edge\"\nentry = \"eip\"\naddress = \"10.0.0.10\"\nregion = \"eu-west-1\"\nallocation_id = \"eipalloc-1\"\n";
+
+    #[test]
+    fn ha_parses_with_defaults() {
+        let config = parse_str(&format!("{GOOD}{HA}")).unwrap();
+        let ha = config.ha.expect("[ha]");
+        assert_eq!(ha.cluster, "edge");
+        assert_eq!(
+            ha.entry,
+            Entry::ElasticIp {
+                allocation_id: "eipalloc-1".into()
+            }
+        );
+        assert_eq!(ha.address, Ipv4Addr::new(10, 0, 0, 10));
+        assert_eq!(ha.peer_port, ha::DEFAULT_PEER_PORT);
+        assert_eq!(
+            (ha.interval, ha.failures, ha.stagger),
+            (
+                ha::DEFAULT_INTERVAL,
+                ha::DEFAULT_FAILURES,
+                ha::DEFAULT_STAGGER
+            )
+        );
+        let route = HA
+            .replace("entry = \"eip\"", "entry = \"route\"")
+            .replace("allocation_id = \"eipalloc-1\"", "route_table_ids = [\"rtb-1\", \"rtb-2\"]\nstagger = \"0s\"\ninterval = \"500ms\"\nfailures = 2");
+        let ha = parse_str(&format!("{GOOD}{route}")).unwrap().ha.unwrap();
+        assert_eq!(
+            ha.entry,
+            Entry::Route {
+                route_table_ids: vec!["rtb-1".into(), "rtb-2".into()]
+            }
+        );
+        assert_eq!(
+            (ha.interval, ha.failures, ha.stagger),
+            (Duration::from_millis(500), 2, Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn ha_errors_say_what_is_wrong() {
+        let cases = [
+            (
+                "address = \"10.0.0.10\"\nregion",
+                "address = \"10.0.0.99\"\nregion",
+                "lb.toml:17: [ha] address 10.0.0.99 is the address of no [[vip]]",
+            ),
+            (
+                "address = \"10.0.0.10\"\nregion",
+                "address = \"fd00::1\"\nregion",
+                "is not a unicast IPv4 address",
+            ),
+            (
+                "entry = \"eip\"",
+                "entry = \"vrrp\"",
+                "lb.toml:16: [ha] entry = \"vrrp\" is not one of",
+            ),
+            (
+                "allocation_id = \"eipalloc-1\"",
+                "allocation_id = \"203.0.113.1\"",
+                "is not an Elastic IP allocation id",
+            ),
+            (
+                "allocation_id = \"eipalloc-1\"\n",
+                "",
+                "needs allocation_id",
+            ),
+            (
+                "entry = \"eip\"",
+                "entry = \"secondary-ip\"",
+                "allocation_id belongs to entry = \"eip\"",
+            ),
+            (
+                "entry = \"eip\"",
+                "entry = \"route\"",
+                "allocation_id belongs to entry = \"eip\"",
+            ),
+            (
+                "cluster = \"edge\"",
+                "cluster = \"a b\"",
+                "[ha] cluster \"a b\" must be",
+            ),
+            (
+                "region = \"eu-west-1\"",
+                "region = \"eu-west-1\"\ninterval = \"50ms\"",
+                "[ha] interval 50ms is shorter than",
+            ),
+            (
+                "region = \"eu-west-1\"",
+                "region = \"eu-west-1\"\nfailures = 0",
+                "[ha] failures must be between 1 and 100",
+            ),
+            (
+                "region = \"eu-west-1\"",
+                "region = \"eu-west-1\"\nstagger = \"soon\"",
+                "[ha] stagger = \"soon\" is not a duration",
+            ),
+            (
+                "region = \"eu-west-1\"",
+                "region = \"\"",
+                "[ha] needs the region",
+            ),
+        ];
+        for (from, to, wanted) in cases {
+            let text = format!("{GOOD}{}", HA.replace(from, to));
+            let error = error_of(&text);
+            assert!(
+                error.contains(wanted),
+                "{to:?}: got {error:?}, wanted {wanted:?}"
+            );
+        }
     }
 
     #[test]

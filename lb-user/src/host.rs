@@ -132,32 +132,60 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Addresses added to `lo` for the lifetime of a process and removed on drop.
-#[derive(Default)]
-pub struct LoopbackAddresses {
+/// Addresses added to an interface (`lo` for a DSR backend's VIPs, the balancer's interface
+/// for an HA entry address) and removed again on [`InterfaceAddresses::remove`] or drop.
+pub struct InterfaceAddresses {
+    interface: String,
     added: Vec<IpAddr>,
 }
 
-impl LoopbackAddresses {
+fn host_prefix(address: IpAddr) -> String {
+    let prefix = if address.is_ipv4() { 32 } else { 128 };
+    format!("{address}/{prefix}")
+}
+
+impl InterfaceAddresses {
+    pub fn new(interface: impl Into<String>) -> Self {
+        InterfaceAddresses {
+            interface: interface.into(),
+            added: Vec::new(),
+        }
+    }
+
+    /// Adds `address` unless the host already has it (then it is left alone on removal too).
     pub fn add(&mut self, address: IpAddr) -> Result<()> {
         if local_addresses()?.contains(&address) {
             info!(%address, "address already on the host");
             return Ok(());
         }
-        let prefix = if address.is_ipv4() { 32 } else { 128 };
-        ip(&["addr", "add", &format!("{address}/{prefix}"), "dev", "lo"])?;
-        info!(%address, "address added to lo");
+        ip(&["addr", "add", &host_prefix(address), "dev", &self.interface])?;
+        info!(%address, interface = self.interface.as_str(), "address added");
         self.added.push(address);
+        Ok(())
+    }
+
+    /// Leaves the addresses in place when dropped (a hand-over to the next process).
+    pub fn keep(&mut self) {
+        self.added.clear();
+    }
+
+    /// Removes `address` if this guard added it.
+    pub fn remove(&mut self, address: IpAddr) -> Result<()> {
+        let Some(position) = self.added.iter().position(|a| *a == address) else {
+            return Ok(());
+        };
+        self.added.remove(position);
+        ip(&["addr", "del", &host_prefix(address), "dev", &self.interface])?;
+        info!(%address, interface = self.interface.as_str(), "address removed");
         Ok(())
     }
 }
 
-impl Drop for LoopbackAddresses {
+impl Drop for InterfaceAddresses {
     fn drop(&mut self) {
         for address in self.added.drain(..) {
-            let prefix = if address.is_ipv4() { 32 } else { 128 };
-            if let Err(err) = ip(&["addr", "del", &format!("{address}/{prefix}"), "dev", "lo"]) {
-                warn!("cannot remove {address} from lo: {err:#}");
+            if let Err(err) = ip(&["addr", "del", &host_prefix(address), "dev", &self.interface]) {
+                warn!("cannot remove {address} from {}: {err:#}", self.interface);
             }
         }
     }

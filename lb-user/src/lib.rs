@@ -6,6 +6,7 @@ pub mod backend_agent;
 pub mod config;
 pub mod dataplane;
 pub mod discovery;
+pub mod ha;
 pub mod health;
 pub mod host;
 pub mod maglev;

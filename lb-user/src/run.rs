@@ -22,8 +22,9 @@ use crate::{
     config::{self, Config},
     dataplane::{Balancer, has_pins, settings_from_config},
     discovery::{self, DiscoveredBackend, InstanceState, KeepLastGood, Refresh, ec2::Ec2Discovery},
+    ha::{self, Ec2Entry, HaState},
     health::{Check, Health, HealthChecker, HealthEvent, HealthState, Target, TargetKey},
-    host,
+    host::{self, InterfaceAddresses},
     reconcile::{
         BackendHealth, BackendPhase, Changes, DesiredVip, Reconciler, desired_from_config,
     },
@@ -34,6 +35,8 @@ use crate::{
 const TICK: Duration = Duration::from_secs(1);
 /// How often backends' neighbour entries are refreshed.
 const NEIGHBOUR_REFRESH: Duration = Duration::from_secs(30);
+/// A clean stop waits this long for the election to release the entry point.
+const HA_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the connection and NAT tables are counted (a walk over the maps).
 const TABLE_COUNT_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -63,10 +66,43 @@ fn backend_addresses(config: &Config) -> Vec<IpAddr> {
 /// The health of every checked backend, as the checker last reported it.
 type HealthView = BTreeMap<TargetKey, Health>;
 
-/// The desired state of `config` on this host, given the backends' health. NAT VIPs without a
-/// `snat_address` take the interface's first address of their family. Fails, before anything
-/// is touched, when NAT cannot work here.
-fn desired_state(config: &Config, health: &HealthView) -> Result<Vec<DesiredVip>> {
+/// The address a VIP is served on here: the entry point's VIPs only while this balancer leads,
+/// on the address the entry point delivers to; every other VIP on its own address.
+fn served_address(config: &Config, ha: &HaState, vip: IpAddr) -> Option<IpAddr> {
+    match &config.ha {
+        Some(entry) if IpAddr::V4(entry.address) == vip => ha.serving(),
+        _ => Some(vip),
+    }
+}
+
+/// The desired state of `config` on this host, given the backends' health and the HA role.
+/// NAT VIPs without a `snat_address` take the interface's first address of their family.
+/// Fails, before anything is touched, when NAT cannot work here.
+fn desired_state(config: &Config, health: &HealthView, ha: &HaState) -> Result<Vec<DesiredVip>> {
+    let mut served = config.clone();
+    served
+        .vips
+        .retain_mut(|vip| match served_address(config, ha, vip.address) {
+            Some(address) => {
+                vip.address = address;
+                true
+            }
+            None => false,
+        });
+    let mut keys = std::collections::HashSet::new();
+    if let Some(vip) = served
+        .vips
+        .iter()
+        .find(|vip| !keys.insert((vip.address, vip.port, vip.protocol)))
+    {
+        bail!(
+            "VIP \"{}\" would be served on {} port {}, which another VIP already uses (the Elastic IP arrives on this balancer's private address)",
+            vip.name,
+            vip.address,
+            vip.port
+        );
+    }
+    let config = &served;
     let interface = &config.dataplane.interface;
     let addresses = host::interface_addresses(interface)?;
     let default_snat = |vip: IpAddr| {
@@ -229,11 +265,15 @@ struct Balancing {
     discovery: BTreeMap<String, DiscoveryStatus>,
     discovery_tasks: Vec<tokio::task::JoinHandle<()>>,
     discovery_reports: mpsc::UnboundedSender<DiscoveryReport>,
+    /// The HA role, as the election last published it (the default, standby, without `[ha]`).
+    ha: HaState,
+    /// The entry address on the interface while leading (secondary-ip and route entries).
+    entry_addresses: InterfaceAddresses,
 }
 
 impl Balancing {
     fn apply(&mut self, what: &str) -> Result<()> {
-        let desired = desired_state(&self.config, &self.health)?;
+        let desired = desired_state(&self.config, &self.health, &self.ha)?;
         let changes = self
             .reconciler
             .apply(&desired, &mut self.balancer, Instant::now())?;
@@ -260,6 +300,35 @@ impl Balancing {
         }
         self.health.insert(event.key, event.health);
         self.apply("health changed")
+    }
+
+    /// The election published a new state: start or stop serving the entry point's VIPs.
+    fn on_ha(&mut self, ha: HaState) -> Result<()> {
+        let (was, now) = (self.ha.serving(), ha.serving());
+        self.ha = ha;
+        if was == now {
+            return Ok(());
+        }
+        let adds_address = self
+            .config
+            .ha
+            .as_ref()
+            .is_some_and(|ha| !matches!(ha.entry, ha::Entry::ElasticIp { .. }));
+        if let Some(address) = now {
+            // Maps first, so the first packet the entry point delivers is balanced.
+            self.apply("leading: serving the entry point's VIPs")?;
+            if adds_address && let Err(err) = self.entry_addresses.add(address) {
+                warn!("cannot add the entry address to the interface: {err:#}");
+            }
+        } else {
+            if let Some(address) = was
+                && let Err(err) = self.entry_addresses.remove(address)
+            {
+                warn!("cannot remove the entry address from the interface: {err:#}");
+            }
+            self.apply("standing by: the entry point's VIPs are served elsewhere")?;
+        }
+        Ok(())
     }
 
     /// A discovery refresh: the VIP's backends become the running instances it found; instances
@@ -305,9 +374,12 @@ impl Balancing {
     /// (interface, mode, table sizes, pins) need a restart and are reported, not applied.
     fn reload(&mut self, path: &Path) -> Result<()> {
         let new = config::load(path)?;
-        desired_state(&new, &self.health)?;
+        desired_state(&new, &self.health, &self.ha)?;
         if new.dataplane != self.config.dataplane || new.admin != self.config.admin {
             warn!("[dataplane] and [admin] changes take effect when lb restarts");
+        }
+        if new.ha != self.config.ha {
+            bail!("[ha] changed: restart lb to change the cluster or its entry point");
         }
         let mut vips = new.vips;
         // Discovered pools keep what their source last said until it answers again.
@@ -355,7 +427,10 @@ impl Balancing {
             self.checker.snapshot().into_iter().collect();
         let mut vips = Vec::new();
         for vip in &self.config.vips {
-            let key = crate::reconcile::vip_key(vip.address, vip.port, vip.protocol.number());
+            let Some(address) = served_address(&self.config, &self.ha, vip.address) else {
+                continue;
+            };
+            let key = crate::reconcile::vip_key(address, vip.port, vip.protocol.number());
             let Some((_, state)) = self.reconciler.vips().find(|(k, _)| **k == key) else {
                 continue;
             };
@@ -439,6 +514,7 @@ impl Balancing {
             config_reloads: self.config_reloads,
             config_reload_failures: self.config_reload_failures,
             discovery: self.discovery.values().cloned().collect(),
+            ha: self.config.ha.is_some().then(|| self.ha.clone()),
         };
         if let Some((at, previous)) = &self.previous {
             add_rates(&mut status, previous, now.duration_since(*at).as_secs_f64());
@@ -471,6 +547,36 @@ fn add_rates(status: &mut Status, previous: &Status, seconds: f64) {
     }
 }
 
+/// This balancer's identity (IMDSv2), the entry point's EC2 client, and whether EC2 says this
+/// balancer holds the entry point already.
+async fn setup_ha(config: &ha::HaConfig) -> Result<(ha::Identity, Ec2Entry, bool)> {
+    let me = ha::identity(config.imds_endpoint.as_deref())
+        .await
+        .context(
+            "[ha] needs this instance's identity from the instance metadata service (IMDSv2)",
+        )?;
+    let entry = Ec2Entry::new(config.clone()).await?;
+    entry
+        .validate()
+        .await
+        .context("[ha] entry point check failed")?;
+    let holder = entry
+        .observe()
+        .await
+        .context("[ha] cannot read who holds the entry point")?;
+    let leading = holder.is_some_and(|h| h.interface_id == me.interface_id);
+    info!(
+        cluster = config.cluster.as_str(),
+        instance = me.instance_id.as_str(),
+        interface = me.interface_id.as_str(),
+        private_ip = %me.private_ip,
+        entry = config.entry.name(),
+        role = if leading { "leader" } else { "standby" },
+        "HA: joined the cluster"
+    );
+    Ok((me, entry, leading))
+}
+
 pub async fn run(config_path: &Path) -> Result<()> {
     // First of all: a signal that arrives while starting must not take the default action
     // (SIGHUP would kill the process before "data plane ready" is even read).
@@ -480,7 +586,17 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let mut handover = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
     let config = config::load(config_path)?;
     let health = HealthView::new();
-    let desired = desired_state(&config, &health)?;
+    // HA: who this balancer is and who holds the entry point, before the first map write, so
+    // a leader that restarts (or is upgraded) keeps serving.
+    let election = match &config.ha {
+        Some(ha_config) => Some(setup_ha(ha_config).await?),
+        None => None,
+    };
+    let initial_ha = election
+        .as_ref()
+        .map(|(me, _, leading)| ha::initial_state(config.ha.as_ref().expect("[ha]"), me, *leading))
+        .unwrap_or_default();
+    let desired = desired_state(&config, &health, &initial_ha)?;
     let dataplane = &config.dataplane;
     host::enable_forwarding(&dataplane.interface)?;
     host::ensure_bpffs(&dataplane.pin_path)?;
@@ -514,17 +630,45 @@ pub async fn run(config_path: &Path) -> Result<()> {
         crate::admin::AdminConfig {
             listen: config.admin.listen,
             token: config.admin.token.clone(),
+            health_only: false,
         },
-        status_rx,
+        status_rx.clone(),
     );
     let mut admin = tokio::spawn(admin);
+    // The election publishes on `ha_tx`; without `[ha]` it never changes.
+    let (ha_tx, mut ha_rx) = watch::channel(initial_ha.clone());
+    let (stop_ha, stop_ha_rx) = watch::channel(None);
+    let mut peer_endpoint = None;
+    let mut election_task = None;
+    if let (Some(ha_config), Some((me, entry, leading))) = (&config.ha, election) {
+        let listen = std::net::SocketAddr::new(IpAddr::V4(me.private_ip), ha_config.peer_port);
+        peer_endpoint = Some(tokio::spawn(crate::admin::serve(
+            crate::admin::AdminConfig {
+                listen,
+                token: None,
+                health_only: true,
+            },
+            status_rx,
+        )));
+        election_task = Some(tokio::spawn(ha::run(
+            ha_config.clone(),
+            me,
+            entry,
+            leading,
+            ha_tx.clone(),
+            stop_ha_rx,
+        )));
+    }
     // Everything that needed more is done: from here on only maps are written and sockets
     // opened.
     host::drop_capabilities()?;
 
     let (discovery_reports, mut discovery_rx) = mpsc::unbounded_channel();
     let discovery_tasks = spawn_discovery(&config, &discovery_reports);
+    let interface = config.dataplane.interface.clone();
     let mut state = Balancing {
+        ha: HaState::default(),
+        entry_addresses: InterfaceAddresses::new(interface),
         discovery: BTreeMap::new(),
         discovery_tasks,
         discovery_reports,
@@ -541,6 +685,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
         last_count: None,
         previous: None,
     };
+    // The initial role: maps already match it; this adds the entry address when leading.
+    state.on_ha(initial_ha)?;
     let mut tick = tokio::time::interval(TICK);
     let mut neighbours = tokio::time::interval(NEIGHBOUR_REFRESH);
     let detach = loop {
@@ -554,6 +700,11 @@ pub async fn run(config_path: &Path) -> Result<()> {
             },
             Some(event) = events.recv() => state.on_health(event)?,
             Some(report) = discovery_rx.recv() => state.on_discovery(report)?,
+            Ok(()) = ha_rx.changed() => {
+                let published = ha_rx.borrow_and_update().clone();
+                state.on_ha(published)?;
+            }
+            result = async { peer_endpoint.as_mut().expect("guarded").await }, if peer_endpoint.is_some() => bail!("the HA peer endpoint stopped: {:#}", result.map_err(anyhow::Error::from).and_then(|r| r).err().map_or("no error".into(), |e| format!("{e:#}"))),
             _ = interrupt.recv() => break true,
             _ = terminate.recv() => break true,
             // An upgrade: leave the data plane running for the next `lb run` to adopt.
@@ -567,6 +718,20 @@ pub async fn run(config_path: &Path) -> Result<()> {
         }
     };
     admin.abort();
+    if let Some(task) = election_task {
+        // A clean stop lets go of the entry point, so a standby takes it at its next check; a
+        // hand-over keeps it for the process that adopts the data plane.
+        let _ = stop_ha.send(Some(detach));
+        match tokio::time::timeout(HA_STOP_TIMEOUT, task).await {
+            Ok(Ok(Err(err))) => warn!("HA: {err:#}"),
+            Err(_) => warn!("HA: the election did not stop in time"),
+            _ => {}
+        }
+    }
+    if !detach {
+        state.entry_addresses.keep();
+    }
+    drop(ha_tx);
     let counted: Vec<String> = state
         .balancer
         .reason_counts()?

@@ -26,6 +26,9 @@ pub struct Status {
     /// EC2 discovery, per VIP that uses it.
     #[serde(default)]
     pub discovery: Vec<DiscoveryStatus>,
+    /// Balancer high availability, when `[ha]` is configured.
+    #[serde(default)]
+    pub ha: Option<crate::ha::HaState>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::{Context as _, anyhow, bail};
 
-use crate::status::{BackendStatus, Status, VipStatus};
+use crate::{
+    ha::HaState,
+    status::{BackendStatus, Status, VipStatus},
+};
 
 const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Far above the `/status` of any real configuration: more means it is not `lb` talking.
@@ -40,14 +43,49 @@ pub fn render(status: &Status, color: bool) -> String {
         status.conntrack_entries,
         status.nat_entries,
     );
+    if let Some(ha) = &status.ha {
+        render_ha(&mut out, ha, paint);
+    }
     if status.vips.is_empty() {
-        out.push_str("\nno VIPs configured\n");
+        out.push_str("\nno VIPs served here\n");
     }
     for vip in &status.vips {
         out.push('\n');
         render_vip(&mut out, vip, paint);
     }
     out
+}
+
+/// One line: the role, who holds the entry point, and the last failover.
+fn render_ha(out: &mut String, ha: &HaState, paint: Paint) {
+    let role = if ha.leader {
+        paint.wrap(GREEN, "LEADER")
+    } else {
+        paint.wrap(YELLOW, "standby")
+    };
+    let _ = write!(
+        out,
+        "HA cluster {} {role}: {} {} held by {}",
+        printable(&ha.cluster),
+        printable(&ha.entry),
+        printable(&ha.address),
+        if ha.holder.is_empty() {
+            "nobody".to_owned()
+        } else {
+            printable(&ha.holder)
+        },
+    );
+    if ha.missed_checks > 0 {
+        let _ = write!(out, ", {} missed leader checks", ha.missed_checks);
+    }
+    if let Some(seconds) = ha.last_failover_seconds {
+        let _ = write!(
+            out,
+            ", takeovers {} (last failover {seconds:.2} s)",
+            ha.takeovers
+        );
+    }
+    out.push('\n');
 }
 
 fn render_vip(out: &mut String, vip: &VipStatus, paint: Paint) {
@@ -386,6 +424,7 @@ mod tests {
 
     const GOLDEN: &str = "\
 lb 0.1.0 on eth0 (XDP native), up 1h 2m, conntrack 5321 flows, NAT 4100 entries
+HA cluster edge LEADER: eip 203.0.113.10 held by i-0b1, takeovers 1 (last failover 3.25 s)
 
 web  10.0.0.10:80/tcp  nat  1.2k pkts/s  1/3 backends up
   BACKEND        STATE     HEALTH   WEIGHT  SHARE  PKTS/S  PACKETS  LAST ERROR
@@ -464,7 +503,7 @@ dns \"primary\" \\v6  [2001:db8::53]:53/udp  gue  0.5 pkts/s  0/1 backends up  F
         let fail_open: Vec<&str> = text.lines().filter(|l| l.contains("FAIL-OPEN")).collect();
         assert_eq!(fail_open.len(), 1);
         assert!(fail_open[0].starts_with("dns"));
-        assert!(render(&Status::default(), false).contains("no VIPs configured"));
+        assert!(render(&Status::default(), false).contains("no VIPs served here"));
         status.vips[0].backends.clear();
         assert!(render(&status, false).contains("  no backends\n"));
     }

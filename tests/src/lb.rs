@@ -163,7 +163,14 @@ pub struct Balancer {
 impl Balancer {
     /// Writes `config` to `config_path`, starts `lb run` in `ns` and waits for [`READY_LINE`].
     pub fn start(ns: &Ns, config_path: PathBuf, config: &LbConfig) -> Result<Balancer> {
-        write_config(&config_path, config)?;
+        Self::start_text(ns, config_path, &config.to_toml())
+    }
+
+    /// Like [`Balancer::start`] with the config file's text (e.g. [`LbConfig::to_toml`] plus
+    /// an `[ha]` table).
+    pub fn start_text(ns: &Ns, config_path: PathBuf, toml: &str) -> Result<Balancer> {
+        std::fs::write(&config_path, toml)
+            .with_context(|| format!("writing {}", config_path.display()))?;
         let lb = lb_binary();
         let lb = lb.to_str().context("lb path is not UTF-8")?;
         let config_arg = config_path.to_str().context("config path is not UTF-8")?;

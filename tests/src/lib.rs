@@ -9,6 +9,7 @@
 mod capture;
 mod client;
 mod dsr;
+mod imds;
 mod lab;
 mod lb;
 mod moto;
@@ -23,12 +24,13 @@ pub use dsr::{
     BACKEND_NAMES, DsrLab, GUE_PORT, SERVICE_PORT, VIP_SUBNET_V4, VIP_SUBNET_V6, VIP_V4, VIP_V6,
     vip_address,
 };
+pub use imds::{FakeImds, IMDS_PORT, InstanceMetadata};
 pub use lab::{BRIDGE, Family, HOST_IFNAME, Host, Lab, MacAddr};
 pub use lb::{
     Balancer, DECAP_READY_LINE, Forwarding, LbConfig, Protocol, READY_LINE, READY_TIMEOUT,
     RELOADED_LINE, Vip, XdpMode, lb_binary, shutdown, start_decap,
 };
-pub use moto::{MOTO_REGION, MOTO_VERSION, MotoEc2, MotoServer, Subnet};
+pub use moto::{MOTO_REGION, MOTO_VERSION, MotoEc2, MotoServer, Subnet, relay_into};
 pub use netns::{Netns, Ns, in_netns, namespaces_with_prefix};
 pub use process::ChildGuard;
 pub use server::{ServerGuard, spawn_tcp_server, spawn_udp_server};

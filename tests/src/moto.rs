@@ -20,6 +20,7 @@ use aws_sdk_ec2::error::DisplayErrorContext;
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use lb_user::discovery::ec2::Ec2Config;
 
+use crate::netns::{Ns, in_netns};
 use crate::process::ChildGuard;
 
 /// The moto release the tests are checked with (`cargo xtask prereqs` installs it).
@@ -81,6 +82,11 @@ impl MotoServer {
     }
 
     /// Where the EC2 API answers.
+    /// The port moto listens on (on the root namespace's loopback).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn endpoint_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -162,6 +168,33 @@ impl MotoServer {
 
 fn credentials() -> Credentials {
     Credentials::new("testing", "testing", None, None, "moto tests")
+}
+
+/// Accepts connections on 127.0.0.1:`local_port` inside `ns` and joins each to `moto_port`
+/// on the root namespace's loopback: moto listens there, and a lab namespace has its own
+/// loopback (a few lines of userspace forwarding, loopback only).
+pub fn relay_into(ns: &Ns, local_port: u16, moto_port: u16) -> Result<()> {
+    let listener = in_netns(ns, || {
+        Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, local_port))?)
+    })?;
+    std::thread::spawn(move || {
+        for inbound in listener.incoming().flatten() {
+            let Ok(outbound) = TcpStream::connect((Ipv4Addr::LOCALHOST, moto_port)) else {
+                continue;
+            };
+            let (Ok(inbound_copy), Ok(outbound_copy)) = (inbound.try_clone(), outbound.try_clone())
+            else {
+                continue;
+            };
+            for (mut from, mut to) in [(inbound_copy, outbound_copy), (outbound, inbound)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    Ok(())
 }
 
 /// The status code of a body-less HTTP/1.1 request to moto on `port`.
@@ -279,6 +312,75 @@ impl MotoEc2 {
             .and_then(|i| i.instance_id())
             .context("RunInstances: no instance id")?
             .to_owned())
+    }
+
+    /// The primary network interface of an instance.
+    pub async fn interface_of(&self, instance_id: &str) -> Result<String> {
+        let answer = self
+            .client
+            .describe_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeInstances", e))?;
+        answer
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .flat_map(|i| i.network_interfaces())
+            .find_map(|eni| eni.network_interface_id())
+            .map(str::to_owned)
+            .with_context(|| format!("{instance_id} has no network interface"))
+    }
+
+    /// Allocates a VPC Elastic IP with the given public address; returns its allocation id.
+    pub async fn allocate_address(&self, address: Ipv4Addr) -> Result<String> {
+        let answer = self
+            .client
+            .allocate_address()
+            .domain(aws_sdk_ec2::types::DomainType::Vpc)
+            .address(address.to_string())
+            .send()
+            .await
+            .map_err(|e| sdk_error("AllocateAddress", e))?;
+        answer
+            .allocation_id()
+            .map(str::to_owned)
+            .context("AllocateAddress: no allocation id")
+    }
+
+    /// The network interface an Elastic IP is associated with, and the association id.
+    pub async fn address_holder(&self, allocation_id: &str) -> Result<Option<(String, String)>> {
+        let answer = self
+            .client
+            .describe_addresses()
+            .allocation_ids(allocation_id)
+            .send()
+            .await
+            .map_err(|e| sdk_error("DescribeAddresses", e))?;
+        let address = answer.addresses().first().context("no such Elastic IP")?;
+        Ok(
+            match (address.network_interface_id(), address.association_id()) {
+                (Some(eni), Some(association)) if !eni.is_empty() => {
+                    Some((eni.to_owned(), association.to_owned()))
+                }
+                _ => None,
+            },
+        )
+    }
+
+    /// Associates an Elastic IP with a network interface, moving it from wherever it is (as
+    /// the tests' "old leader").
+    pub async fn associate_address(&self, allocation_id: &str, interface_id: &str) -> Result<()> {
+        self.client
+            .associate_address()
+            .allocation_id(allocation_id)
+            .network_interface_id(interface_id)
+            .allow_reassociation(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error("AssociateAddress", e))?;
+        Ok(())
     }
 
     pub async fn terminate(&self, instance_id: &str) -> Result<()> {

@@ -6,8 +6,7 @@
 //! test relays one local port into it (a few lines of userspace forwarding, loopback only).
 
 use std::{
-    io,
-    net::{IpAddr, TcpListener, TcpStream},
+    net::IpAddr,
     thread,
     time::{Duration, Instant},
 };
@@ -15,34 +14,11 @@ use std::{
 use anyhow::{Result, ensure};
 use lab::{
     DsrLab, Family, Forwarding, MOTO_REGION, MotoServer, Protocol, SERVICE_PORT, Tally, Vip,
-    connect_many, in_netns, vip_address,
+    connect_many, relay_into, vip_address,
 };
 
 /// Where the relay listens inside the balancer namespace.
 const RELAY_PORT: u16 = 5099;
-
-/// Accepts connections on 127.0.0.1:RELAY_PORT inside `ns` and joins each to moto's port on
-/// the root namespace's loopback.
-fn relay_into(ns: &lab::Ns, moto_port: u16) -> Result<()> {
-    let listener = in_netns(ns, || Ok(TcpListener::bind(("127.0.0.1", RELAY_PORT))?))?;
-    thread::spawn(move || {
-        for inbound in listener.incoming().flatten() {
-            let Ok(outbound) = TcpStream::connect(("127.0.0.1", moto_port)) else {
-                continue;
-            };
-            for (mut from, mut to) in [
-                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                (outbound, inbound),
-            ] {
-                thread::spawn(move || {
-                    let _ = io::copy(&mut from, &mut to);
-                    let _ = to.shutdown(std::net::Shutdown::Write);
-                });
-            }
-        }
-    });
-    Ok(())
-}
 
 fn burst(lab: &DsrLab) -> Result<Tally> {
     connect_many(&lab.client.ns, vip_address(Family::V4), SERVICE_PORT, 60)
@@ -69,10 +45,7 @@ fn wait_for(lab: &DsrLab, names: &[&str], what: &str) -> Result<Duration> {
 async fn traffic_follows_ec2_instances() -> Result<()> {
     let mut moto = MotoServer::start()?;
     let lab = DsrLab::new_nat()?;
-    relay_into(
-        &lab.balancer.ns,
-        moto.endpoint_url().rsplit(':').next().unwrap().parse()?,
-    )?;
+    relay_into(&lab.balancer.ns, RELAY_PORT, moto.port())?;
 
     let ec2 = moto.ec2();
     let subnet = ec2.create_vpc("198.18.0.0/16", "198.18.0.0/24").await?;

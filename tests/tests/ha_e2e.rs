@@ -1,0 +1,373 @@
+//! Balancer HA against a real EC2 API (moto): three `lb run` processes of one cluster, each in
+//! its own namespace with a fake IMDSv2 naming its moto instance, elect a leader through the
+//! Elastic IP's association. Exactly one holds it; killing the leader moves it to exactly one
+//! standby (the measured failover time is printed); the old leader comes back as a standby (no
+//! pre-emption); a clean stop releases it for a standby at once. The EC2 lock itself is tested
+//! by racing two take-overs from the same observation, many times.
+//!
+//! No traffic goes to the Elastic IP (moto's addresses are not ours): what is checked is the
+//! association in EC2, and each balancer's `/status` (its role, and whether the VIP on the
+//! entry point is in its data plane).
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use lab::{
+    Balancer, FakeImds, Forwarding, Host, InstanceMetadata, Lab, LbConfig, MOTO_REGION, MotoServer,
+    Ns, Protocol, Vip, XdpMode, in_netns, relay_into, require_root,
+};
+use lb_user::ha::{Ec2Entry, Entry, HaConfig, Identity, Take};
+
+/// Where the relay to moto listens inside each balancer namespace.
+const RELAY_PORT: u16 = 5099;
+/// The Elastic IP's public address (TEST-NET-3: never routed, never sent to).
+const ELASTIC_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const CLUSTER: &str = "edge";
+/// The default admin endpoint, inside each namespace.
+const ADMIN: (Ipv4Addr, u16) = (Ipv4Addr::LOCALHOST, 9930);
+const INTERVAL_MS: u64 = 500;
+const FAILURES: u32 = 3;
+/// Detection (FAILURES checks) plus EC2 calls, with room for a loaded CI machine.
+const FAILOVER_BOUND: Duration = Duration::from_secs(10);
+
+struct Member {
+    host: Host,
+    identity: Identity,
+    config: String,
+    process: Option<Balancer>,
+}
+
+impl Member {
+    fn start(&mut self, lab: &Lab) -> Result<()> {
+        let path = lab.workdir().join(format!("{}.toml", self.host.name));
+        self.process = Some(Balancer::start_text(&self.host.ns, path, &self.config)?);
+        Ok(())
+    }
+
+    fn status(&self) -> Result<serde_json::Value> {
+        admin_status(&self.host.ns)
+    }
+
+    fn is_leader(&self) -> Result<bool> {
+        let status = self.status()?;
+        let leader = status["ha"]["leader"]
+            .as_bool()
+            .context("status has no ha.leader")?;
+        // The entry point's VIP is in the data plane exactly while leading.
+        let serving = status["vips"]
+            .as_array()
+            .is_some_and(|vips| vips.iter().any(|v| v["name"] == "web"));
+        ensure!(
+            leader == serving,
+            "{}: leader = {leader} but the entry VIP in the data plane = {serving}",
+            self.host.name
+        );
+        Ok(leader)
+    }
+}
+
+fn admin_status(ns: &Ns) -> Result<serde_json::Value> {
+    let body = in_netns(ns, || {
+        let mut stream = TcpStream::connect(ADMIN)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "GET /status HTTP/1.1\r\nHost: lb\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    })?;
+    let json = body
+        .split_once("\r\n\r\n")
+        .map(|(_, json)| json)
+        .context("no HTTP body")?;
+    Ok(serde_json::from_str(json)?)
+}
+
+fn ipv4(host: &Host) -> Ipv4Addr {
+    host.ipv4
+}
+
+fn ha_table(allocation_id: &str, imds: &str) -> String {
+    format!(
+        "\n[ha]\ncluster = \"{CLUSTER}\"\nentry = \"eip\"\naddress = \"{ELASTIC_IP}\"\n\
+         allocation_id = \"{allocation_id}\"\nregion = \"{MOTO_REGION}\"\n\
+         endpoint_url = \"http://127.0.0.1:{RELAY_PORT}\"\nimds_endpoint = \"{imds}\"\n\
+         interval = \"{INTERVAL_MS}ms\"\nfailures = {FAILURES}\n\
+         # Every standby tries at once: the EC2 lock alone must keep it to one winner.\n\
+         stagger = \"0s\"\n"
+    )
+}
+
+/// Which members lead, as EC2 and the members themselves say; fails if they disagree.
+async fn leaders(
+    moto: &lab::MotoEc2,
+    allocation_id: &str,
+    members: &[Member],
+) -> Result<Vec<usize>> {
+    let holder = moto.address_holder(allocation_id).await?;
+    let mut leading = Vec::new();
+    for (i, member) in members.iter().enumerate() {
+        if member.process.is_some() && tokio::task::block_in_place(|| member.is_leader())? {
+            leading.push(i);
+        }
+    }
+    if let Some((eni, _)) = holder
+        && let [only] = leading[..]
+        && members[only].identity.interface_id != eni
+    {
+        bail!(
+            "{} says it leads but EC2 has the Elastic IP on {eni}",
+            members[only].host.name
+        );
+    }
+    Ok(leading)
+}
+
+/// Waits until exactly one running member, other than `not`, holds the Elastic IP and says so.
+async fn wait_for_one_leader(
+    moto: &lab::MotoEc2,
+    allocation_id: &str,
+    members: &[Member],
+    not: Option<usize>,
+) -> Result<(usize, Duration)> {
+    let started = Instant::now();
+    loop {
+        let leading = leaders(moto, allocation_id, members).await?;
+        ensure!(leading.len() <= 1, "two leaders at once: {leading:?}");
+        if let [one] = leading[..]
+            && Some(one) != not
+            && moto
+                .address_holder(allocation_id)
+                .await?
+                .is_some_and(|(eni, _)| eni == members[one].identity.interface_id)
+        {
+            return Ok((one, started.elapsed()));
+        }
+        ensure!(
+            started.elapsed() < FAILOVER_BOUND,
+            "no single new leader after {FAILOVER_BOUND:?} (leading: {leading:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Credentials for the SDK's default chain, inherited by `lb run` (moto takes any). Every test
+/// calls this first, so the environment is written once, before anything reads it.
+fn moto_credentials() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: inside `Once`, which every test of this file passes before any SDK (or other
+    // environment reader) runs.
+    ONCE.call_once(|| unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_leader_holds_the_elastic_ip_through_failures() -> Result<()> {
+    require_root();
+    moto_credentials();
+    let moto_server = MotoServer::start()?;
+    let moto = moto_server.ec2();
+    let mut lab = Lab::new()?;
+    let subnet = moto.create_vpc("198.18.0.0/16", "198.18.0.0/24").await?;
+    let allocation_id = moto.allocate_address(ELASTIC_IP).await?;
+
+    let mut members = Vec::new();
+    for (name, n) in [("lb1", 21), ("lb2", 22), ("lb3", 23)] {
+        let host = lab.host(
+            name,
+            &format!("198.18.0.{n}/24"),
+            &format!("fd00:18::{n}/64"),
+        )?;
+        let instance_id = moto
+            .run_instance(&subnet, ipv4(&host), &[("lb-cluster", CLUSTER)])
+            .await?;
+        let interface_id = moto.interface_of(&instance_id).await?;
+        let identity = Identity {
+            instance_id: instance_id.clone(),
+            interface_id: interface_id.clone(),
+            private_ip: ipv4(&host),
+        };
+        let imds = FakeImds::start(
+            &host.ns,
+            InstanceMetadata {
+                instance_id,
+                interface_id,
+                private_ip: ipv4(&host),
+            },
+        )?;
+        relay_into(&host.ns, RELAY_PORT, moto_server.port())?;
+        let vip = Vip {
+            name: "web".into(),
+            address: IpAddr::V4(ELASTIC_IP),
+            port: 80,
+            protocol: Protocol::Tcp,
+            forwarding: Forwarding::Ipip,
+            backends: vec!["198.18.0.11".parse()?],
+            extra: "[vip.health]\ncheck = \"none\"\n".into(),
+            discovery: None,
+        };
+        let config = LbConfig {
+            interface: host.ifname.clone(),
+            xdp_mode: XdpMode::Native,
+            pin_path: Some(lab.bpffs().join(name)),
+            vips: vec![vip],
+        };
+        let config = config.to_toml() + &ha_table(&allocation_id, &imds);
+        members.push(Member {
+            host,
+            identity,
+            config,
+            process: None,
+        });
+    }
+
+    // Three balancers start together: exactly one takes the free Elastic IP.
+    for member in &mut members {
+        tokio::task::block_in_place(|| member.start(&lab))?;
+    }
+    let (first, elected) = wait_for_one_leader(&moto, &allocation_id, &members, None).await?;
+    println!(
+        "elected {} in {elected:?}; the others stand by",
+        members[first].host.name
+    );
+    tokio::time::sleep(Duration::from_millis(3 * INTERVAL_MS)).await;
+    ensure!(
+        leaders(&moto, &allocation_id, &members).await? == [first],
+        "the leadership did not stay put"
+    );
+
+    // The leader crashes: exactly one of the two standbys (both try at once) takes over.
+    let killed = Instant::now();
+    members[first]
+        .process
+        .take()
+        .context("running")?
+        .process
+        .stop(libc::SIGKILL, Duration::from_secs(5))?;
+    let (second, _) = wait_for_one_leader(&moto, &allocation_id, &members, Some(first)).await?;
+    let failover = killed.elapsed();
+    println!(
+        "SIGKILL of {}: {} holds the Elastic IP {failover:?} later (interval {INTERVAL_MS} ms, failures {FAILURES})",
+        members[first].host.name, members[second].host.name
+    );
+    let status = tokio::task::block_in_place(|| members[second].status())?;
+    let measured = status["ha"]["last_failover_seconds"]
+        .as_f64()
+        .context("failover metric")?;
+    println!("the new leader measured its failover as {measured:.2} s");
+    ensure!(failover < FAILOVER_BOUND, "failover took {failover:?}");
+
+    // The old leader comes back: it finds the Elastic IP held and stays standby.
+    tokio::task::block_in_place(|| members[first].start(&lab))?;
+    tokio::time::sleep(Duration::from_millis(6 * INTERVAL_MS)).await;
+    ensure!(
+        leaders(&moto, &allocation_id, &members).await? == [second],
+        "the restarted old leader took the Elastic IP back (pre-emption)"
+    );
+    println!(
+        "{} restarted: standby, no flapping",
+        members[first].host.name
+    );
+
+    // A clean stop of the leader releases the Elastic IP: a standby takes it at its next check.
+    let stopped = Instant::now();
+    let mut leader = members[second].process.take().context("running")?;
+    tokio::task::block_in_place(|| lab::shutdown(&mut leader.process))?;
+    leader
+        .process
+        .wait_for_line("released the entry point", Duration::from_secs(1))?;
+    let (third, _) = wait_for_one_leader(&moto, &allocation_id, &members, Some(second)).await?;
+    println!(
+        "SIGTERM of {}: released; {} holds the Elastic IP {:?} after the stop began",
+        members[second].host.name,
+        members[third].host.name,
+        stopped.elapsed()
+    );
+    for member in &mut members {
+        if let Some(mut balancer) = member.process.take() {
+            tokio::task::block_in_place(|| lab::shutdown(&mut balancer.process))?;
+        }
+    }
+    Ok(())
+}
+
+/// The lock itself: two standbys that observed the same (dead) holder take over at the same
+/// moment; EC2 lets exactly one of them win, every time.
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_takeovers_have_exactly_one_winner() -> Result<()> {
+    const ROUNDS: usize = 25;
+    moto_credentials();
+    let moto_server = MotoServer::start()?;
+    let moto = moto_server.ec2();
+    let subnet = moto.create_vpc("10.0.0.0/16", "10.0.1.0/24").await?;
+    let allocation_id = moto.allocate_address(ELASTIC_IP).await?;
+    let mut identities = Vec::new();
+    for n in 10..13 {
+        let private_ip = Ipv4Addr::new(10, 0, 1, n);
+        let instance_id = moto
+            .run_instance(&subnet, private_ip, &[("lb-cluster", CLUSTER)])
+            .await?;
+        let interface_id = moto.interface_of(&instance_id).await?;
+        identities.push(Identity {
+            instance_id,
+            interface_id,
+            private_ip,
+        });
+    }
+    let config = HaConfig {
+        cluster: CLUSTER.into(),
+        entry: Entry::ElasticIp {
+            allocation_id: allocation_id.clone(),
+        },
+        address: ELASTIC_IP,
+        region: MOTO_REGION.into(),
+        endpoint_url: Some(moto_server.endpoint_url()),
+        imds_endpoint: None,
+        peer_port: lb_user::ha::DEFAULT_PEER_PORT,
+        interval: Duration::from_secs(1),
+        failures: 1,
+        stagger: Duration::ZERO,
+    };
+    let entry = |_| Ec2Entry::with_loader(config.clone(), moto_server.sdk_loader());
+    let (a, b) = (entry(0).await?, entry(1).await?);
+    let [old, first, second] = &identities[..] else {
+        unreachable!()
+    };
+    let mut wins = [0; 2];
+    for _ in 0..ROUNDS {
+        moto.associate_address(&allocation_id, &old.interface_id)
+            .await?;
+        let seen = a.observe().await?.context("held by the old leader")?;
+        ensure!(
+            b.observe().await?.as_ref() == Some(&seen),
+            "both observe the same holder"
+        );
+        let (x, y) = tokio::join!(a.take(first, Some(&seen)), b.take(second, Some(&seen)));
+        let (x, y) = (x?, y?);
+        let holder = moto
+            .address_holder(&allocation_id)
+            .await?
+            .map(|(eni, _)| eni);
+        match (&x, &y) {
+            (Take::Won, Take::Lost(_)) => {
+                wins[0] += 1;
+                ensure!(holder.as_deref() == Some(first.interface_id.as_str()));
+            }
+            (Take::Lost(_), Take::Won) => {
+                wins[1] += 1;
+                ensure!(holder.as_deref() == Some(second.interface_id.as_str()));
+            }
+            _ => bail!("not exactly one winner: {x:?} / {y:?} (holder now {holder:?})"),
+        }
+    }
+    println!("{ROUNDS} races, exactly one winner each time (wins {wins:?})");
+    Ok(())
+}

@@ -297,19 +297,35 @@ impl Ec2Entry {
                 )
             }
             Entry::SecondaryIp => {
+                // The members' interfaces, searched for the address among their secondary
+                // ones (the `addresses.private-ip-address` filter is not implemented alike
+                // everywhere). An interface outside the cluster holding it is not seen: then
+                // EC2 refuses the assignment (no reassignment) and nothing is taken.
+                let interfaces: Vec<String> = self
+                    .members()
+                    .await?
+                    .into_iter()
+                    .flat_map(|m| m.interface_ids)
+                    .collect();
+                if interfaces.is_empty() {
+                    return Ok(None);
+                }
                 let answer = self
                     .client
                     .describe_network_interfaces()
-                    .filters(filter(
-                        "addresses.private-ip-address",
-                        [self.config.address.to_string()],
-                    ))
+                    .set_network_interface_ids(Some(interfaces))
                     .send()
                     .await
                     .map_err(|e| sdk_error("DescribeNetworkInterfaces", e))?;
+                let address = self.config.address.to_string();
                 Ok(answer
                     .network_interfaces()
                     .iter()
+                    .filter(|eni| {
+                        eni.private_ip_addresses()
+                            .iter()
+                            .any(|a| a.private_ip_address() == Some(address.as_str()))
+                    })
                     .filter_map(|eni| eni.network_interface_id())
                     .min()
                     .map(|id| Holder {

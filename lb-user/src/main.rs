@@ -114,6 +114,16 @@ async fn main() -> ExitCode {
                     config.vips.len(),
                     config.dataplane.interface
                 );
+                if let Some(ha) = &config.ha {
+                    println!(
+                        "ok: HA cluster {}, entry {} {} (checked every {:?}, take-over after {} misses)",
+                        ha.cluster,
+                        ha.entry.name(),
+                        ha.address,
+                        ha.interval,
+                        ha.failures
+                    );
+                }
             })
             .map_err(Into::into),
         Command::Backend {

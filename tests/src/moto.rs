@@ -230,6 +230,11 @@ pub struct MotoEc2 {
 }
 
 impl MotoEc2 {
+    /// The SDK client, for calls the helpers below do not wrap.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// A VPC of `vpc_cidr` with one subnet of `subnet_cidr` (e.g. "10.0.0.0/16", "10.0.1.0/24").
     pub async fn create_vpc(&self, vpc_cidr: &str, subnet_cidr: &str) -> Result<Subnet> {
         let vpc = self

@@ -371,3 +371,85 @@ async fn racing_takeovers_have_exactly_one_winner() -> Result<()> {
     println!("{ROUNDS} races, exactly one winner each time (wins {wins:?})");
     Ok(())
 }
+
+/// The private entry points: a secondary IP and a route move from one balancer to the other
+/// and are released, as EC2 (moto) records them. (moto does not refuse a reassignment of a
+/// secondary IP the way EC2 does, so only the Elastic IP's lock is raced above.)
+#[tokio::test(flavor = "multi_thread")]
+async fn secondary_ip_and_route_entries_move_between_balancers() -> Result<()> {
+    moto_credentials();
+    let moto_server = MotoServer::start()?;
+    let moto = moto_server.ec2();
+    let subnet = moto.create_vpc("10.0.0.0/16", "10.0.1.0/24").await?;
+    let mut identities = Vec::new();
+    for n in [10, 11] {
+        let private_ip = Ipv4Addr::new(10, 0, 1, n);
+        let instance_id = moto
+            .run_instance(&subnet, private_ip, &[("lb-cluster", CLUSTER)])
+            .await?;
+        let interface_id = moto.interface_of(&instance_id).await?;
+        identities.push(Identity {
+            instance_id,
+            interface_id,
+            private_ip,
+        });
+    }
+    let table = moto
+        .client()
+        .create_route_table()
+        .vpc_id(&subnet.vpc_id)
+        .send()
+        .await?
+        .route_table()
+        .and_then(|t| t.route_table_id())
+        .context("no route table id")?
+        .to_owned();
+    for entry in [
+        Entry::SecondaryIp,
+        Entry::Route {
+            route_table_ids: vec![table.clone()],
+        },
+    ] {
+        let name = entry.name();
+        let config = HaConfig {
+            cluster: CLUSTER.into(),
+            entry,
+            address: Ipv4Addr::new(10, 0, 1, 100),
+            region: MOTO_REGION.into(),
+            endpoint_url: Some(moto_server.endpoint_url()),
+            imds_endpoint: None,
+            peer_port: lb_user::ha::DEFAULT_PEER_PORT,
+            interval: Duration::from_secs(1),
+            failures: 1,
+            stagger: Duration::ZERO,
+        };
+        let ec2 = Ec2Entry::with_loader(config, moto_server.sdk_loader()).await?;
+        ec2.validate().await?;
+        let members = ec2.members().await?;
+        ensure!(members.len() == 2, "{name}: members {members:?}");
+        ensure!(
+            ec2.observe().await?.is_none(),
+            "{name}: held before any take-over"
+        );
+        let mut holder = None;
+        for me in identities.iter().chain(&identities[..1]) {
+            ensure!(
+                ec2.take(me, holder.as_ref()).await? == Take::Won,
+                "{name}: {} could not take it",
+                me.instance_id
+            );
+            let now = ec2.observe().await?.context("held after a take-over")?;
+            ensure!(
+                now.interface_id == me.interface_id,
+                "{name}: held by {} after {} took it",
+                now.interface_id,
+                me.interface_id
+            );
+            holder = Some(now);
+        }
+        ec2.release(holder.as_ref().expect("held")).await?;
+        ensure!(ec2.observe().await?.is_none(), "{name}: held after release");
+        println!("{name}: moved between two balancers and back, then released");
+    }
+    Ok(())
+}

@@ -176,7 +176,8 @@ pub struct Member {
 /// The outcome of a take-over attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Take {
-    Won,
+    /// Now held as this holding (for a later release).
+    Won(Holder),
     /// EC2 refused: the entry point moved since it was observed (another standby won).
     Lost(String),
 }
@@ -393,7 +394,10 @@ impl Ec2Entry {
                     .send()
                     .await
                 {
-                    Ok(_) => Ok(Take::Won),
+                    Ok(answer) => Ok(Take::Won(Holder {
+                        interface_id: me.interface_id.clone(),
+                        lock: answer.association_id().unwrap_or_default().to_owned(),
+                    })),
                     Err(err) => Ok(Take::Lost(format!(
                         "AssociateAddress: {}",
                         DisplayErrorContext(err)
@@ -426,7 +430,10 @@ impl Ec2Entry {
                     .send()
                     .await
                 {
-                    Ok(_) => Ok(Take::Won),
+                    Ok(_) => Ok(Take::Won(Holder {
+                        interface_id: me.interface_id.clone(),
+                        lock: me.interface_id.clone(),
+                    })),
                     Err(err) => Ok(Take::Lost(format!(
                         "AssignPrivateIpAddresses: {}",
                         DisplayErrorContext(err)
@@ -457,7 +464,10 @@ impl Ec2Entry {
                             .map_err(|e| sdk_error("CreateRoute", e))?;
                     }
                 }
-                Ok(Take::Won)
+                Ok(Take::Won(Holder {
+                    interface_id: me.interface_id.clone(),
+                    lock: me.interface_id.clone(),
+                }))
             }
         }
     }
@@ -865,13 +875,13 @@ pub async fn run(
                     debug!(?delay, "HA: waiting for standbys ahead of this one");
                     tokio::time::sleep(delay).await;
                 }
-                let won = take_over(&entry, &me, held.as_ref(), &mut published).await;
-                let failover = election.took_over(won, Instant::now());
+                let taken = take_over(&entry, &me, held.as_ref(), &mut published).await;
+                let failover = election.took_over(taken.is_some(), Instant::now());
                 if let Some(failover) = failover {
                     published.takeovers += 1;
                     published.last_failover_seconds = Some(failover.as_secs_f64());
                     published.holder = me.instance_id.clone();
-                    held = entry.observe().await.ok().flatten();
+                    held = taken;
                     info!(
                         entry = config.entry.name(),
                         address = %config.address,
@@ -894,37 +904,37 @@ pub async fn run(
 }
 
 /// Observes the holder again (another standby may have won while we waited) and takes the
-/// entry point only from the holder just seen.
+/// entry point only from the holder just seen; returns the new holding when won.
 async fn take_over(
     entry: &Ec2Entry,
     me: &Identity,
     seen: Option<&Holder>,
     published: &mut HaState,
-) -> bool {
+) -> Option<Holder> {
     let now = match entry.observe().await {
         Ok(now) => now,
         Err(err) => {
             published.api_errors += 1;
             warn!("HA: cannot observe the entry point before taking it: {err:#}");
-            return false;
+            return None;
         }
     };
     if now.as_ref() != seen {
         info!("HA: the entry point moved while waiting: another balancer took it");
         published.lost_races += 1;
-        return false;
+        return None;
     }
     match entry.take(me, now.as_ref()).await {
-        Ok(Take::Won) => true,
+        Ok(Take::Won(holder)) => Some(holder),
         Ok(Take::Lost(why)) => {
             published.lost_races += 1;
             info!("HA: another balancer took the entry point first ({why})");
-            false
+            None
         }
         Err(err) => {
             published.api_errors += 1;
             warn!("HA: take-over failed: {err:#}");
-            false
+            None
         }
     }
 }

@@ -171,7 +171,11 @@ impl Balancer {
     pub fn start_text(ns: &Ns, config_path: PathBuf, toml: &str) -> Result<Balancer> {
         std::fs::write(&config_path, toml)
             .with_context(|| format!("writing {}", config_path.display()))?;
-        let lb = lb_binary();
+        Self::start_with(ns, &lb_binary(), config_path)
+    }
+
+    /// Starts `lb` (the binary at `lb`) with the config file already at `config_path`.
+    pub fn start_with(ns: &Ns, lb: &Path, config_path: PathBuf) -> Result<Balancer> {
         let lb = lb.to_str().context("lb path is not UTF-8")?;
         let config_arg = config_path.to_str().context("config path is not UTF-8")?;
         let mut process = ns.spawn("lb-run", &[lb, "run", "--config", config_arg])?;

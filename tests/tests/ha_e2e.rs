@@ -352,21 +352,19 @@ async fn racing_takeovers_have_exactly_one_winner() -> Result<()> {
         );
         let (x, y) = tokio::join!(a.take(first, Some(&seen)), b.take(second, Some(&seen)));
         let (x, y) = (x?, y?);
-        let holder = moto
-            .address_holder(&allocation_id)
-            .await?
-            .map(|(eni, _)| eni);
-        match (&x, &y) {
-            (Take::Won, Take::Lost(_)) => {
-                wins[0] += 1;
-                ensure!(holder.as_deref() == Some(first.interface_id.as_str()));
-            }
-            (Take::Lost(_), Take::Won) => {
-                wins[1] += 1;
-                ensure!(holder.as_deref() == Some(second.interface_id.as_str()));
-            }
+        let holder = moto.address_holder(&allocation_id).await?;
+        let (winner, won) = match (&x, &y) {
+            (Take::Won(won), Take::Lost(_)) => (0, won),
+            (Take::Lost(_), Take::Won(won)) => (1, won),
             _ => bail!("not exactly one winner: {x:?} / {y:?} (holder now {holder:?})"),
-        }
+        };
+        wins[winner] += 1;
+        let expected = [first, second][winner];
+        ensure!(
+            holder == Some((expected.interface_id.clone(), won.lock.clone())),
+            "the winner {} reported {won:?}, EC2 has {holder:?}",
+            expected.instance_id
+        );
     }
     println!("{ROUNDS} races, exactly one winner each time (wins {wins:?})");
     Ok(())
@@ -433,12 +431,17 @@ async fn secondary_ip_and_route_entries_move_between_balancers() -> Result<()> {
         );
         let mut holder = None;
         for me in identities.iter().chain(&identities[..1]) {
+            let taken = ec2.take(me, holder.as_ref()).await?;
             ensure!(
-                ec2.take(me, holder.as_ref()).await? == Take::Won,
-                "{name}: {} could not take it",
+                matches!(taken, Take::Won(_)),
+                "{name}: {} could not take it: {taken:?}",
                 me.instance_id
             );
             let now = ec2.observe().await?.context("held after a take-over")?;
+            ensure!(
+                taken == Take::Won(now.clone()),
+                "{name}: the take-over reported {taken:?}, EC2 says {now:?}"
+            );
             ensure!(
                 now.interface_id == me.interface_id,
                 "{name}: held by {} after {} took it",

@@ -54,8 +54,13 @@ enum Task {
         #[arg(long, default_value_t = 60, value_parser = demo_duration)]
         duration: u64,
         /// Leave the lab up at the end (prints how to enter each namespace); Ctrl-C removes it.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "ec2")]
         keep: bool,
+        /// The EC2 demo: web servers are instances of a local EC2 API (moto), started and
+        /// terminated during the demo; two balancers elect who holds the Elastic IP and the
+        /// leader is killed (nat mode, at least 40 s).
+        #[arg(long)]
+        ec2: bool,
     },
     /// The project's test command: prereqs, build `lb`, `cargo test` of every suite. Needs root.
     Test {
@@ -76,7 +81,8 @@ fn main() -> ExitCode {
             mode,
             duration,
             keep,
-        } => demo(&mode, duration, keep),
+            ec2,
+        } => demo(&mode, duration, keep, ec2),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -202,7 +208,7 @@ fn demo_duration(text: &str) -> Result<u64, String> {
     }
 }
 
-fn demo(mode: &str, duration: u64, keep: bool) -> Result<()> {
+fn demo(mode: &str, duration: u64, keep: bool, ec2: bool) -> Result<()> {
     if !is_root() {
         bail!(
             "`cargo xtask demo` must run as root: it creates network namespaces and veth pairs \
@@ -226,6 +232,9 @@ fn demo(mode: &str, duration: u64, keep: bool) -> Result<()> {
                     .current_dir(cmd::workspace_root());
                 if keep {
                     cmd.arg("--keep");
+                }
+                if ec2 {
+                    cmd.arg("--ec2");
                 }
                 println!("==> {}", cmd::display(&cmd));
                 let mut child = cmd

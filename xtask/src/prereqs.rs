@@ -14,12 +14,15 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "procps",
+    // The EC2 demo's Internet gateway (and the bench's DNAT balancer).
+    "nftables",
 ];
 /// Debian packages that are nice to have (skipped if this distribution does not ship them).
 const APT_OPTIONAL: &[&str] = &["bpftool"];
 /// Debian packages only `cargo xtask bench` needs: the end-to-end alternatives it compares
-/// against (HAProxy, nftables) and the keep-alive load generator (wrk).
-const BENCH_APT_PACKAGES: &[&str] = &["haproxy", "wrk", "nftables"];
+/// against (HAProxy; nftables is a test prerequisite already) and the keep-alive load
+/// generator (wrk).
+const BENCH_APT_PACKAGES: &[&str] = &["haproxy", "wrk"];
 /// For the bench's profiles of the per-packet paths (skipped where not packaged).
 const BENCH_APT_OPTIONAL: &[&str] = &["linux-perf"];
 const BPF_LINKER_VERSION: &str = "0.13.0";

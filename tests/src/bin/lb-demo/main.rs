@@ -41,6 +41,8 @@ use lab::{
 };
 use lb_user::{status::Status, status_view};
 
+mod ec2;
+
 /// The VIP's port and the web servers' port (DSR modes keep the port, so both are 80).
 const PORT: u16 = 80;
 /// Where `lb run` serves `/status`, inside the balancer namespace.
@@ -131,6 +133,8 @@ impl Mode {
 }
 
 struct Args {
+    /// The EC2 demo (`ec2.rs`) instead of the single-balancer one.
+    ec2: bool,
     mode: Mode,
     duration: u64,
     keep: bool,
@@ -141,6 +145,7 @@ struct Args {
 const USAGE: &str = "\
 usage: lb-demo [--mode nat|ipip|gue|l2] [--duration SECS] [--keep] [--lb PATH]
                [--capture FILE | --no-capture]
+       lb-demo --ec2 [--duration SECS] [--lb PATH]
 
   --mode       forwarding mode of the VIP (default nat)
   --duration   seconds of traffic, at least 20 (default 60): 30% steady, kill b2, 20% with b2
@@ -150,12 +155,16 @@ usage: lb-demo [--mode nat|ipip|gue|l2] [--duration SECS] [--keep] [--lb PATH]
   --lb         the lb binary (default: next to lb-demo)
   --capture    where to write the `lb status` text captured mid-run
                (default: docs/demo-status.txt in the workspace)
+  --ec2        the EC2 demo: a local EC2 API (moto) whose instances are the web servers
+               (started and terminated during the demo), two balancers electing who holds the
+               Elastic IP, and the leader killed (at least 40 s; nat mode)
 
 Run it as root (cargo xtask demo builds everything and does).";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>> {
     let exe = std::env::current_exe().context("cannot locate lb-demo")?;
     let mut parsed = Args {
+        ec2: false,
         mode: Mode::Nat,
         duration: 60,
         keep: false,
@@ -195,6 +204,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>> {
                 }
             }
             "--keep" => parsed.keep = true,
+            "--ec2" => parsed.ec2 = true,
             "--lb" => parsed.lb = value()?.into(),
             "--capture" => parsed.capture = Some(value()?.into()),
             "--no-capture" => parsed.capture = None,
@@ -228,7 +238,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match demo(&args) {
+    let result = if args.ec2 {
+        ec2::demo(&args)
+    } else {
+        demo(&args)
+    };
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("lb-demo: error: {e:#}");
@@ -333,12 +348,11 @@ struct Traffic {
 }
 
 impl Traffic {
-    fn start(client: &Host) -> Result<Traffic> {
+    fn start(client: &Host, vip: SocketAddr) -> Result<Traffic> {
         let t0 = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let records = Arc::new(Mutex::new(Vec::new()));
         let period = Duration::from_secs(1) * CLIENT_THREADS / RATE;
-        let vip = SocketAddr::new(VIP_V4.into(), PORT);
         // Threads spawned on a thread inside the client's namespace inherit it.
         let threads = in_netns(&client.ns, || {
             Ok((0..CLIENT_THREADS)
@@ -868,7 +882,9 @@ impl View {
     }
 }
 
-fn demo(args: &Args) -> Result<ExitCode> {
+/// What both demos do first: check root and the lb binary, catch Ctrl-C (to clean up), and
+/// remove what a crashed previous run left.
+fn prepare(args: &Args) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -891,7 +907,11 @@ fn demo(args: &Args) -> Result<ExitCode> {
             libc::sigaction(signal, &action, std::ptr::null_mut());
         }
     }
-    clean_after_crashed_runs()?;
+    clean_after_crashed_runs()
+}
+
+fn demo(args: &Args) -> Result<ExitCode> {
+    prepare(args)?;
 
     let tty = unsafe { libc::isatty(1) } == 1;
     let mut timeline = Timeline::default();
@@ -985,7 +1005,10 @@ fn show(demo: &mut Demo, args: &Args, view: &mut View, timeline: &mut Timeline) 
          each), for {} s",
         args.duration
     ));
-    demo.traffic = Some(Traffic::start(&demo.client)?);
+    demo.traffic = Some(Traffic::start(
+        &demo.client,
+        SocketAddr::new(VIP_V4.into(), PORT),
+    )?);
     let d = Duration::from_secs(args.duration);
     let kill_at = d.mul_f64(0.3);
     let victim_ip = demo.backends[VICTIM].ipv4.to_string();

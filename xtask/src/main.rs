@@ -1,6 +1,7 @@
 //! Project tasks, run as `cargo xtask <command>` (alias in .cargo/config.toml).
 
 mod cmd;
+mod dist;
 mod prereqs;
 
 use std::path::PathBuf;
@@ -62,6 +63,9 @@ enum Task {
         #[arg(long)]
         ec2: bool,
     },
+    /// Release packages under target/dist: a tarball and a .deb with `lb`, the systemd unit, an
+    /// example config, the README, man pages and shell completions.
+    Dist,
     /// The project's test command: prereqs, build `lb`, `cargo test` of every suite. Needs root.
     Test {
         /// Extra arguments for the test binaries, after `--` (e.g. `-- --test-threads 1`).
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf { release } => build_ebpf(release),
         Task::Test { test_args } => test(&test_args),
         Task::Bench { quick, only } => bench(quick, &only),
+        Task::Dist => dist(),
         Task::Demo {
             mode,
             duration,
@@ -254,6 +259,19 @@ fn demo(mode: &str, duration: u64, keep: bool, ec2: bool) -> Result<()> {
                     _ => bail!("lb-demo failed ({status})"),
                 }
             }),
+        ],
+    )
+}
+
+fn dist() -> Result<()> {
+    run_steps(
+        "dist",
+        &[
+            ("prerequisites", &prereqs::ensure),
+            ("build lb (release: LTO, eBPF objects embedded)", &|| {
+                build_lb(true)
+            }),
+            ("package", &|| dist::package(&target_dir()?)),
         ],
     )
 }

@@ -2,7 +2,8 @@
 //! its own namespace with a fake IMDSv2 naming its moto instance, elect a leader through the
 //! Elastic IP's association. Exactly one holds it; killing the leader moves it to exactly one
 //! standby (the measured failover time is printed); the old leader comes back as a standby (no
-//! pre-emption); a clean stop releases it for a standby at once. The EC2 lock itself is tested
+//! pre-emption); a clean stop releases it for a standby at once; a leader whose instance EC2
+//! reports stopped is replaced at once and steps down. The EC2 lock itself is tested
 //! by racing two take-overs from the same observation, many times.
 //!
 //! No traffic goes to the Elastic IP (moto's addresses are not ours): what is checked is the
@@ -290,6 +291,47 @@ async fn one_leader_holds_the_elastic_ip_through_failures() -> Result<()> {
         members[second].host.name,
         members[third].host.name,
         stopped.elapsed()
+    );
+
+    // EC2 says the leader's instance stopped while its process still answers: the standby
+    // takes over without waiting for missed checks, and the old leader, finding the Elastic
+    // IP elsewhere, steps down.
+    let standby = (0..members.len())
+        .find(|&i| i != third && members[i].process.is_some())
+        .context("a standby")?;
+    let stopped = Instant::now();
+    moto.stop(&members[third].identity.instance_id).await?;
+    let (moved, stepped_down) = loop {
+        let holder = moto.address_holder(&allocation_id).await?;
+        if holder.is_some_and(|(eni, _)| eni == members[standby].identity.interface_id) {
+            let moved = stopped.elapsed();
+            loop {
+                if !tokio::task::block_in_place(|| members[third].is_leader())? {
+                    break;
+                }
+                ensure!(
+                    stopped.elapsed() < FAILOVER_BOUND,
+                    "{} did not step down",
+                    members[third].host.name
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            break (moved, stopped.elapsed());
+        }
+        ensure!(
+            stopped.elapsed() < FAILOVER_BOUND,
+            "the standby did not take over from a stopped instance"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(
+        tokio::task::block_in_place(|| members[standby].is_leader())?,
+        "{} holds the Elastic IP but does not serve",
+        members[standby].host.name
+    );
+    println!(
+        "EC2 stop of {}'s instance: {} holds the Elastic IP after {moved:?} (fewer than {FAILURES} checks), {} stood down after {stepped_down:?}",
+        members[third].host.name, members[standby].host.name, members[third].host.name
     );
     for member in &mut members {
         if let Some(mut balancer) = member.process.take() {

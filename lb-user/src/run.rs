@@ -703,6 +703,8 @@ pub async fn run(config_path: &Path) -> Result<()> {
             Ok(()) = ha_rx.changed() => {
                 let published = ha_rx.borrow_and_update().clone();
                 state.on_ha(published)?;
+                // A role change shows in /status at once, not at the next tick.
+                let _ = status_tx.send(state.status()?);
             }
             result = async { peer_endpoint.as_mut().expect("guarded").await }, if peer_endpoint.is_some() => bail!("the HA peer endpoint stopped: {:#}", result.map_err(anyhow::Error::from).and_then(|r| r).err().map_or("no error".into(), |e| format!("{e:#}"))),
             _ = interrupt.recv() => break true,

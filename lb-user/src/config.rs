@@ -35,6 +35,8 @@ const DEFAULT_SNAT_PORTS: &str = "40000-59999";
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 /// Loopback only by default: the endpoint has no authentication unless a token is set.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9930";
+/// Why an EC2 section is refused by an `lb` built without the `ec2` feature.
+const WITHOUT_EC2: &str = "this lb is built without EC2 support (the `ec2` cargo feature)";
 /// NAT ports below this would collide with well-known services.
 const MIN_SNAT_PORT: u16 = 1024;
 
@@ -456,6 +458,9 @@ impl Checker<'_> {
 
     /// `[ha]`: the entry point, and which VIPs it carries (those on its address).
     fn ha(&self, spanned: &Spanned<RawHa>, vips: &[Vip]) -> Result<HaConfig, ConfigError> {
+        if cfg!(not(feature = "ec2")) {
+            return Err(self.at(spanned, format!("{WITHOUT_EC2}: [ha] is unavailable")));
+        }
         let raw = spanned.get_ref();
         let cluster = raw.cluster.get_ref().trim();
         if cluster.is_empty()
@@ -852,6 +857,12 @@ impl Checker<'_> {
     }
 
     fn ec2(&self, spanned: &Spanned<RawEc2>, vip: &str) -> Result<Ec2Config, ConfigError> {
+        if cfg!(not(feature = "ec2")) {
+            return Err(self.at(
+                spanned,
+                format!("VIP \"{vip}\": {WITHOUT_EC2}: ec2 discovery is unavailable"),
+            ));
+        }
         let raw = spanned.get_ref();
         if raw.region.trim().is_empty() || raw.tags.is_empty() {
             return Err(self.at(spanned, format!("VIP \"{vip}\": ec2 discovery needs a region and at least one tag (without a tag it would take every instance)")));
@@ -1267,9 +1278,21 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
         );
     }
 
+    #[cfg(feature = "ec2")]
     const HA: &str = "\n[ha]\ncluster = \"edge\"\nentry = \"eip\"\naddress = \"10.0.0.10\"\nregion = \"eu-west-1\"\nallocation_id = \"eipalloc-1\"\n";
 
     #[test]
+    #[cfg(not(feature = "ec2"))]
+    fn ec2_sections_are_refused_without_the_feature() {
+        let ec2 = GOOD.replace(
+            "static = [",
+            "ec2 = { region = \"r\", tags = { a = \"b\" } }\n# static = [",
+        );
+        assert!(error_of(&ec2).contains("built without EC2 support"));
+    }
+
+    #[test]
+    #[cfg(feature = "ec2")]
     fn ha_parses_with_defaults() {
         let config = parse_str(&format!("{GOOD}{HA}")).unwrap();
         let ha = config.ha.expect("[ha]");
@@ -1307,6 +1330,7 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
     }
 
     #[test]
+    #[cfg(feature = "ec2")]
     fn ha_errors_say_what_is_wrong() {
         let cases = [
             (
@@ -1381,6 +1405,7 @@ static = ["10.1.0.2", { address = "10.1.0.3", weight = 2 }]
     }
 
     #[test]
+    #[cfg(feature = "ec2")]
     fn ec2_discovery_replaces_the_static_list() {
         let ec2 = GOOD.replace(
             "static = [\"10.1.0.2\", { address = \"10.1.0.3\", weight = 2 }]",

@@ -21,14 +21,19 @@ use tracing::{error, info, warn};
 use crate::{
     config::{self, Config},
     dataplane::{Balancer, has_pins, settings_from_config},
-    discovery::{self, DiscoveredBackend, InstanceState, KeepLastGood, Refresh, ec2::Ec2Discovery},
-    ha::{self, Ec2Entry, HaState},
+    discovery::{DiscoveredBackend, InstanceState},
+    ha::{self, HaState},
     health::{Check, Health, HealthChecker, HealthEvent, HealthState, Target, TargetKey},
     host::{self, InterfaceAddresses},
     reconcile::{
         BackendHealth, BackendPhase, Changes, DesiredVip, Reconciler, desired_from_config,
     },
     status::{BackendStatus, DiscoveryStatus, ReasonCount, Status, VipStatus},
+};
+#[cfg(feature = "ec2")]
+use crate::{
+    discovery::{self, KeepLastGood, Refresh, ec2::Ec2Discovery},
+    ha::Ec2Entry,
 };
 
 /// How often drain timers are checked and the status snapshot is refreshed.
@@ -191,7 +196,17 @@ struct DiscoveryReport {
     status: DiscoveryStatus,
 }
 
+/// Without the `ec2` feature the configuration has no EC2 discovery (it is refused).
+#[cfg(not(feature = "ec2"))]
+fn spawn_discovery(
+    _config: &Config,
+    _reports: &mpsc::UnboundedSender<DiscoveryReport>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    Vec::new()
+}
+
 /// One task per VIP with EC2 discovery: refreshes with jitter, keeps the last good answer.
+#[cfg(feature = "ec2")]
 fn spawn_discovery(
     config: &Config,
     reports: &mpsc::UnboundedSender<DiscoveryReport>,
@@ -547,8 +562,51 @@ fn add_rates(status: &mut Status, previous: &Status, seconds: f64) {
     }
 }
 
+/// The peer endpoint and the election task, with their handles.
+type HaTasks = (
+    Option<tokio::task::JoinHandle<Result<()>>>,
+    Option<tokio::task::JoinHandle<Result<()>>>,
+);
+
+/// This balancer in its cluster: who it is, the entry point's EC2 client, and whether EC2
+/// said at start that it holds the entry point.
+#[cfg(feature = "ec2")]
+type Joined = (ha::HaConfig, (ha::Identity, Ec2Entry, bool));
+
+/// Serves `/healthz` for the peers on this balancer's private address and starts the election.
+#[cfg(feature = "ec2")]
+fn start_ha(
+    joined: Option<Joined>,
+    status: watch::Receiver<Status>,
+    published: &watch::Sender<HaState>,
+    stop: watch::Receiver<Option<bool>>,
+) -> HaTasks {
+    let Some((ha_config, (me, entry, leading))) = joined else {
+        return (None, None);
+    };
+    let listen = std::net::SocketAddr::new(IpAddr::V4(me.private_ip), ha_config.peer_port);
+    let peer = tokio::spawn(crate::admin::serve(
+        crate::admin::AdminConfig {
+            listen,
+            token: None,
+            health_only: true,
+        },
+        status,
+    ));
+    let election = tokio::spawn(ha::run(
+        ha_config,
+        me,
+        entry,
+        leading,
+        published.clone(),
+        stop,
+    ));
+    (Some(peer), Some(election))
+}
+
 /// This balancer's identity (IMDSv2), the entry point's EC2 client, and whether EC2 says this
 /// balancer holds the entry point already.
+#[cfg(feature = "ec2")]
 async fn setup_ha(config: &ha::HaConfig) -> Result<(ha::Identity, Ec2Entry, bool)> {
     let me = ha::identity(config.imds_endpoint.as_deref())
         .await
@@ -588,14 +646,19 @@ pub async fn run(config_path: &Path) -> Result<()> {
     let health = HealthView::new();
     // HA: who this balancer is and who holds the entry point, before the first map write, so
     // a leader that restarts (or is upgraded) keeps serving.
-    let election = match &config.ha {
-        Some(ha_config) => Some(setup_ha(ha_config).await?),
+    #[cfg(feature = "ec2")]
+    let joined = match &config.ha {
+        Some(ha_config) => Some((ha_config.clone(), setup_ha(ha_config).await?)),
         None => None,
     };
-    let initial_ha = election
+    #[cfg(feature = "ec2")]
+    let initial_ha = joined
         .as_ref()
-        .map(|(me, _, leading)| ha::initial_state(config.ha.as_ref().expect("[ha]"), me, *leading))
+        .map(|(ha_config, (me, _, leading))| ha::initial_state(ha_config, me, *leading))
         .unwrap_or_default();
+    // Without the `ec2` feature the configuration has no `[ha]` (it is refused).
+    #[cfg(not(feature = "ec2"))]
+    let initial_ha = HaState::default();
     let desired = desired_state(&config, &health, &initial_ha)?;
     let dataplane = &config.dataplane;
     host::enable_forwarding(&dataplane.interface)?;
@@ -638,27 +701,13 @@ pub async fn run(config_path: &Path) -> Result<()> {
     // The election publishes on `ha_tx`; without `[ha]` it never changes.
     let (ha_tx, mut ha_rx) = watch::channel(initial_ha.clone());
     let (stop_ha, stop_ha_rx) = watch::channel(None);
-    let mut peer_endpoint = None;
-    let mut election_task = None;
-    if let (Some(ha_config), Some((me, entry, leading))) = (&config.ha, election) {
-        let listen = std::net::SocketAddr::new(IpAddr::V4(me.private_ip), ha_config.peer_port);
-        peer_endpoint = Some(tokio::spawn(crate::admin::serve(
-            crate::admin::AdminConfig {
-                listen,
-                token: None,
-                health_only: true,
-            },
-            status_rx,
-        )));
-        election_task = Some(tokio::spawn(ha::run(
-            ha_config.clone(),
-            me,
-            entry,
-            leading,
-            ha_tx.clone(),
-            stop_ha_rx,
-        )));
-    }
+    #[cfg(feature = "ec2")]
+    let (mut peer_endpoint, election_task) = start_ha(joined, status_rx, &ha_tx, stop_ha_rx);
+    #[cfg(not(feature = "ec2"))]
+    let (mut peer_endpoint, election_task): HaTasks = {
+        let _ = (status_rx, stop_ha_rx);
+        (None, None)
+    };
     // Everything that needed more is done: from here on only maps are written and sockets
     // opened.
     host::drop_capabilities()?;

@@ -12,6 +12,7 @@ mod dsr;
 mod imds;
 mod lab;
 mod lb;
+#[cfg(feature = "ec2")]
 mod moto;
 mod netns;
 mod process;
@@ -30,6 +31,7 @@ pub use lb::{
     Balancer, DECAP_READY_LINE, Forwarding, LbConfig, Protocol, READY_LINE, READY_TIMEOUT,
     RELOADED_LINE, Vip, XdpMode, lb_binary, shutdown, start_decap,
 };
+#[cfg(feature = "ec2")]
 pub use moto::{MOTO_REGION, MOTO_VERSION, MotoEc2, MotoServer, Subnet, relay_into};
 pub use netns::{Netns, Ns, in_netns, namespaces_with_prefix};
 pub use process::ChildGuard;

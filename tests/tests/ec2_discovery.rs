@@ -2,6 +2,8 @@
 //! the balancer uses. Needs python3 with `moto[server]` (`cargo xtask prereqs` installs it);
 //! no root. Each test starts its own server, so they run in parallel.
 
+#![cfg(feature = "ec2")]
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 

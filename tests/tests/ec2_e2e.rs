@@ -5,6 +5,8 @@
 //! moto listens on the root namespace's loopback; the balancer namespace has its own, so the
 //! test relays one local port into it (a few lines of userspace forwarding, loopback only).
 
+#![cfg(feature = "ec2")]
+
 use std::{
     net::IpAddr,
     thread,

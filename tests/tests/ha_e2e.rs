@@ -10,6 +10,8 @@
 //! association in EC2, and each balancer's `/status` (its role, and whether the VIP on the
 //! entry point is in its data plane).
 
+#![cfg(feature = "ec2")]
+
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, TcpStream},

@@ -41,6 +41,7 @@ use lab::{
 };
 use lb_user::{status::Status, status_view};
 
+#[cfg(feature = "ec2")]
 mod ec2;
 
 /// The VIP's port and the web servers' port (DSR modes keep the port, so both are 80).
@@ -239,7 +240,13 @@ fn main() -> ExitCode {
         }
     };
     let result = if args.ec2 {
-        ec2::demo(&args)
+        #[cfg(feature = "ec2")]
+        let result = ec2::demo(&args);
+        #[cfg(not(feature = "ec2"))]
+        let result = Err(anyhow::anyhow!(
+            "lb-demo is built without the `ec2` feature"
+        ));
+        result
     } else {
         demo(&args)
     };

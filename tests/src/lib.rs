@@ -6,6 +6,7 @@
 //! routes (veth pairs are created inside lab namespaces), every namespace name carries a
 //! per-lab prefix, and everything is deleted on Drop, also when a test panics.
 
+pub mod chaos;
 mod capture;
 mod client;
 mod dsr;

@@ -972,6 +972,13 @@ fn check_vip(
             ))
         };
     }
+    // l2 mode routes with the client's source address: the kernel's IPv6 FIB lookup refuses a
+    // multicast, link-local or loopback source (DROP, no route), which is right for a martian.
+    let martian_v6 = matches!(tuple.src, IpAddr::V6(a)
+        if a.is_multicast() || a.is_loopback() || a.segments()[0] & 0xffc0 == 0xfe80);
+    if service.mode == Mode::L2 && martian_v6 && action == XDP_DROP {
+        return Ok(Effect::None);
+    }
     if action != tx {
         return fail(format!("expected action {tx}, got {action}"));
     }

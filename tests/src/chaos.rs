@@ -355,7 +355,7 @@ fn answer_http(stream: TcpStream, name: &str) -> io::Result<()> {
         let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
         let close = head
             .iter()
-            .any(|h| h.to_ascii_lowercase() == "connection: close");
+            .any(|h| h.eq_ignore_ascii_case("connection: close"));
         let (status, body) = match (method, path) {
             ("GET", "/") => ("200 OK", format!("hello from {name}\n")),
             ("GET", "/healthz") => ("200 OK", "ok\n".to_owned()),

@@ -32,7 +32,7 @@
 #![allow(clippy::single_range_in_vec_init, clippy::collapsible_if)]
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::Range,
@@ -537,7 +537,7 @@ fn parse_ip(frame: &[u8]) -> Option<Ip> {
 // ---------------------------------------------------------------------------------------------
 // The system under test and what the oracle remembers of it.
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Tuple {
     src: IpAddr,
     sport: u16,
@@ -582,9 +582,11 @@ struct Target {
     settings: Settings,
     nic: u32,
     /// client 5-tuple -> NAT flow.
-    nat_flows: HashMap<Tuple, NatFlow>,
+    nat_flows: BTreeMap<Tuple, NatFlow>,
     /// reply 5-tuple (backend:8080 -> SNAT:port) -> client 5-tuple.
-    nat_reverse: HashMap<Tuple, Tuple>,
+    nat_reverse: BTreeMap<Tuple, Tuple>,
+    /// Client 5-tuples the program pinned (with a NAT port) for a packet it dropped.
+    phantoms: BTreeMap<Tuple, IpAddr>,
     /// Recent outputs, quoted by generated ICMP errors and replayed as NAT replies.
     nat_outputs: Vec<Vec<u8>>,
     reply_outputs: Vec<Vec<u8>>,
@@ -681,8 +683,9 @@ impl Target {
             services: services(),
             settings,
             nic: ifindex(NIC),
-            nat_flows: HashMap::new(),
-            nat_reverse: HashMap::new(),
+            nat_flows: BTreeMap::new(),
+            nat_reverse: BTreeMap::new(),
+            phantoms: BTreeMap::new(),
             nat_outputs: Vec::new(),
             reply_outputs: Vec::new(),
             encap_outputs: Vec::new(),
@@ -706,6 +709,7 @@ impl Target {
         self.reconciler = reconciler;
         self.nat_flows.clear();
         self.nat_reverse.clear();
+        self.phantoms.clear();
         self.nat_outputs.clear();
         self.reply_outputs.clear();
         self.encap_outputs.clear();
@@ -773,6 +777,9 @@ enum Effect {
     NatForward(NatFlow),
     /// A NAT reply was translated for the client (quoted later by ICMP errors).
     Reply,
+    /// A NAT packet dropped (MTU) after the program pinned its flow to this backend and gave
+    /// it a NAT port: the program knows a flow whose port the oracle does not.
+    Phantom(Tuple, IpAddr),
 }
 
 /// How far the oracle lets headers reach: the IP packet (the spec), or the frame (what the
@@ -840,6 +847,23 @@ fn check_balancer(
             if (lo..=hi).contains(&dport) {
                 if let Some(client) = t.nat_reverse.get(&tuple) {
                     return check_nat_reply(t, frame, &ip, tuple, *client, from_lo, action, out);
+                }
+                if action != XDP_PASS || out != frame {
+                    for (client, backend) in &t.phantoms {
+                        if *backend == ip.src
+                            && client.proto == ip.proto
+                            && check_nat_reply(t, frame, &ip, tuple, *client, from_lo, action, out)
+                                .is_ok()
+                        {
+                            return Err(known(
+                                "dropped-packet-state",
+                                format!(
+                                    "a reply to port {dport} was translated for {client:?}, a \
+                                     flow whose only packet was dropped (MTU)"
+                                ),
+                            ));
+                        }
+                    }
                 }
             }
             unchanged()
@@ -964,8 +988,19 @@ fn check_vip(
         Mode::Nat | Mode::L2 => ip.len,
     };
     if egress_len > MTU {
+        let is_syn = tuple.proto == 6 && flags & (SYN | ACK) == SYN;
+        let pinned = t
+            .nat_flows
+            .get(&tuple)
+            .is_some_and(|f| !(f.closing && is_syn));
         return if action == XDP_DROP {
-            Ok(Effect::None)
+            // The program pins the flow (and allocates its NAT port) before it finds the
+            // packet too big for the route: the state of a flow that never passed.
+            Ok(if service.mode == Mode::Nat && !pinned {
+                Effect::Phantom(tuple, predicted)
+            } else {
+                Effect::None
+            })
         } else {
             fail(format!(
                 "{egress_len} bytes exceed the MTU: expected XDP_DROP, got {action}"
@@ -1413,108 +1448,154 @@ fn check_icmp_error(
             },
         ))
     };
-    let Some((outer_src, outer_dst, new)) = from_backend.or_else(from_client) else {
-        return unchanged();
-    };
-    let fail = |e: String| {
-        Err(format!(
-            "ICMP error quoting {quoted:?}, translated to {outer_src} -> {outer_dst} quoting {new:?}: {e}"
-        ))
-    };
-    let (routed, resolved) = if t.is_vip_address(outer_src) {
-        client_route(outer_dst)
-    } else {
-        (true, true) // to a backend
-    };
-    if !routed || ip.len > MTU {
-        return if action == XDP_DROP {
-            Ok(Effect::None)
-        } else {
-            fail(format!(
-                "no route or above the MTU: expected XDP_DROP, got {action}"
+    let verify = |outer_src: IpAddr, outer_dst: IpAddr, new: Tuple| -> Result<Effect, String> {
+        let fail = |e: String| {
+            Err(format!(
+                "ICMP error quoting {quoted:?}, translated to {outer_src} -> {outer_dst} quoting {new:?}: {e}"
             ))
         };
-    }
-    let expected_action = forward_action(from_lo, resolved);
-    if action != expected_action {
-        return fail(format!("expected action {expected_action}, got {action}"));
-    }
-    let mut e = frame.to_vec();
-    if resolved {
-        let mac = if t.is_vip_address(outer_src) {
-            CLIENT_MAC
+        let (routed, resolved) = if t.is_vip_address(outer_src) {
+            client_route(outer_dst)
         } else {
-            mac_of(outer_dst)
+            (true, true) // to a backend
         };
-        e[0..6].copy_from_slice(&mac);
-        e[6..12].copy_from_slice(&BALANCER_MAC);
-    }
-    let (s, d) = addr_offsets(ip.v6, ip.l3);
-    set_addr(&mut e, s, outer_src);
-    set_addr(&mut e, d, outer_dst);
-    set_addr(&mut e, qs, new.src);
-    set_addr(&mut e, qd, new.dst);
-    put16(&mut e, ql4, new.sport);
-    put16(&mut e, ql4 + 2, new.dport);
-    let mut masks = vec![ip.l4 + 2..ip.l4 + 4];
-    if !ip.v6 {
-        masks.push(ip.l3 + 10..ip.l3 + 12);
-        masks.push(q + 10..q + 12);
-    }
-    // The quoted transport checksum changes only where it was quoted.
-    let qc = ql4 + l4_check_offset(proto);
-    if qc + 2 <= end {
-        masks.push(qc..qc + 2);
-    }
-    if let Some(diff) = masked_diff(out, &e, &masks) {
-        return fail(diff);
-    }
-    // Residuals: outer IPv4 header, ICMP message, quoted IPv4 header, quoted L4 (over the
-    // quoted pseudo-header and the quoted bytes that are there).
-    let oip = parse_ip(out).ok_or("output does not parse")?;
-    if !ip.v6 {
-        for (what, at) in [("outer IPv4 header", ip.l3), ("quoted IPv4 header", q)] {
-            let (a, b) = (
-                ones_sum(&frame[at..at + 20], 0),
-                ones_sum(&out[at..at + 20], 0),
-            );
-            if !ones_eq(a, b) {
-                return fail(format!("{what} checksum residual {a:#06x} became {b:#06x}"));
+        if !routed || ip.len > MTU {
+            return if action == XDP_DROP {
+                Ok(Effect::None)
+            } else {
+                fail(format!(
+                    "no route or above the MTU: expected XDP_DROP, got {action}"
+                ))
+            };
+        }
+        let expected_action = forward_action(from_lo, resolved);
+        if action != expected_action {
+            return fail(format!("expected action {expected_action}, got {action}"));
+        }
+        let mut e = frame.to_vec();
+        if resolved {
+            let mac = if t.is_vip_address(outer_src) {
+                CLIENT_MAC
+            } else {
+                mac_of(outer_dst)
+            };
+            e[0..6].copy_from_slice(&mac);
+            e[6..12].copy_from_slice(&BALANCER_MAC);
+        }
+        let (s, d) = addr_offsets(ip.v6, ip.l3);
+        set_addr(&mut e, s, outer_src);
+        set_addr(&mut e, d, outer_dst);
+        set_addr(&mut e, qs, new.src);
+        set_addr(&mut e, qd, new.dst);
+        put16(&mut e, ql4, new.sport);
+        put16(&mut e, ql4 + 2, new.dport);
+        let mut masks = vec![ip.l4 + 2..ip.l4 + 4];
+        if !ip.v6 {
+            masks.push(ip.l3 + 10..ip.l3 + 12);
+            masks.push(q + 10..q + 12);
+        }
+        // The quoted transport checksum changes only where it was quoted.
+        let qc = ql4 + l4_check_offset(proto);
+        if qc + 2 <= end {
+            masks.push(qc..qc + 2);
+        }
+        if let Some(diff) = masked_diff(out, &e, &masks) {
+            return fail(diff);
+        }
+        // Residuals: outer IPv4 header, ICMP message, quoted IPv4 header, quoted L4 (over the
+        // quoted pseudo-header and the quoted bytes that are there).
+        let oip = parse_ip(out).ok_or("output does not parse")?;
+        if !ip.v6 {
+            for (what, at) in [("outer IPv4 header", ip.l3), ("quoted IPv4 header", q)] {
+                let (a, b) = (
+                    ones_sum(&frame[at..at + 20], 0),
+                    ones_sum(&out[at..at + 20], 0),
+                );
+                if !ones_eq(a, b) {
+                    return fail(format!("{what} checksum residual {a:#06x} became {b:#06x}"));
+                }
             }
         }
-    }
-    // (With Bound::Frame, the program's view: the message runs to the end of the frame.)
-    let a = l4_residual(ip.src, ip.dst, ip.proto, &frame[ip.l4..end]);
-    let b = l4_residual(oip.src, oip.dst, ip.proto, &out[oip.l4..end.min(out.len())]);
-    if !ones_eq(a, b) {
-        return fail(format!(
-            "ICMP checksum residual {a:#06x} became {b:#06x} (valid input: {})",
-            ones_eq(a, 0xffff)
-        ));
-    }
-    let quoted_end = end.min(frame.len());
-    if qc + 2 <= quoted_end {
-        let pseudo = |b: &[u8], ip6| {
-            let (s, d) = addr_offsets(ip6, q);
-            let mut p = b[s..s + if ip6 { 16 } else { 4 }].to_vec();
-            p.extend_from_slice(&b[d..d + if ip6 { 16 } else { 4 }]);
-            ones_sum(&p, 0) as u32
-        };
-        let udp_none = proto == 17 && !ip.v6 && be16(frame, qc) == 0;
-        let a = ones_sum(&frame[ql4..quoted_end], pseudo(frame, ip.v6));
-        let b = ones_sum(&out[ql4..quoted_end], pseudo(out, ip.v6));
-        if udp_none && be16(out, qc) != 0 {
-            return fail("a zero quoted UDP checksum became non-zero".into());
+        // (With Bound::Frame, the program's view: the message runs to the end of the frame.)
+        let a = l4_residual(ip.src, ip.dst, ip.proto, &frame[ip.l4..end]);
+        let b = l4_residual(oip.src, oip.dst, ip.proto, &out[oip.l4..end.min(out.len())]);
+        if !ones_eq(a, b) {
+            return fail(format!(
+                "ICMP checksum residual {a:#06x} became {b:#06x} (valid input: {})",
+                ones_eq(a, 0xffff)
+            ));
         }
-        if !udp_none && !ones_eq(a, b) {
-            let message = format!("quoted L4 checksum residual {a:#06x} became {b:#06x}");
-            if proto == 6 && ql4 + 20 > frame.len() && be16(out, qc) == be16(frame, qc) {
-                return fail(message).map_err(|e| known("quoted-tcp-checksum", e));
+        let quoted_end = end.min(frame.len());
+        if qc + 2 <= quoted_end {
+            let pseudo = |b: &[u8], ip6| {
+                let (s, d) = addr_offsets(ip6, q);
+                let mut p = b[s..s + if ip6 { 16 } else { 4 }].to_vec();
+                p.extend_from_slice(&b[d..d + if ip6 { 16 } else { 4 }]);
+                ones_sum(&p, 0) as u32
+            };
+            let udp_none = proto == 17 && !ip.v6 && be16(frame, qc) == 0;
+            let a = ones_sum(&frame[ql4..quoted_end], pseudo(frame, ip.v6));
+            let b = ones_sum(&out[ql4..quoted_end], pseudo(out, ip.v6));
+            if udp_none && be16(out, qc) != 0 {
+                return fail("a zero quoted UDP checksum became non-zero".into());
             }
-            return fail(message);
+            if !udp_none && !ones_eq(a, b) {
+                let message = format!("quoted L4 checksum residual {a:#06x} became {b:#06x}");
+                if proto == 6 && ql4 + 20 > frame.len() && be16(out, qc) == be16(frame, qc) {
+                    return fail(message).map_err(|e| known("quoted-tcp-checksum", e));
+                }
+                return fail(message);
+            }
+        }
+        Ok(Effect::None)
+    };
+    if let Some((outer_src, outer_dst, new)) = from_backend.or_else(from_client) {
+        return verify(outer_src, outer_dst, new);
+    }
+    // A flow the program pinned for a packet it then dropped (see `Effect::Phantom`): its NAT
+    // port is unknown here, so a translation is accepted when it is right for the flow.
+    let mut candidates = Vec::new();
+    for (client, backend) in &t.phantoms {
+        if client.proto != proto || backend.is_ipv6() != ip.v6 {
+            continue;
+        }
+        if (lo..=hi).contains(&quoted.sport) && *backend == quoted.dst {
+            candidates.push((client.dst, client.src, *client));
+        }
+        let reply_of = Tuple {
+            src: quoted.dst,
+            sport: quoted.dport,
+            dst: quoted.src,
+            dport: quoted.sport,
+            proto,
+        };
+        if reply_of == *client && ql4 + 4 <= out.len() {
+            let snat = snat(ip.v6);
+            let port = be16(out, ql4 + 2);
+            candidates.push((
+                snat,
+                *backend,
+                Tuple {
+                    src: *backend,
+                    sport: NAT_BACKEND_PORT,
+                    dst: snat,
+                    dport: port,
+                    proto,
+                },
+            ));
         }
     }
-    Ok(Effect::None)
+    for (outer_src, outer_dst, new) in candidates {
+        if verify(outer_src, outer_dst, new).is_ok() && (action != XDP_PASS || out != frame) {
+            return Err(known(
+                "dropped-packet-state",
+                format!(
+                    "an ICMP error about a flow whose only packet was dropped (MTU) was translated to {outer_dst}"
+                ),
+            ));
+        }
+    }
+    unchanged()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1710,10 +1791,15 @@ fn run_case(t: &mut Target, frame: &[u8], from_lo: bool, stats: &mut Stats) -> R
                 proto: flow.client.proto,
             };
             t.nat_reverse.insert(reply, flow.client);
+            t.phantoms.remove(&flow.client);
             t.nat_flows.insert(flow.client, flow);
             keep(&mut t.nat_outputs, out.clone());
         }
         Effect::Reply => keep(&mut t.reply_outputs, out.clone()),
+        Effect::Phantom(client, backend) => {
+            t.nat_flows.remove(&client);
+            t.phantoms.insert(client, backend);
+        }
     }
     // The decapsulator sees every frame too; the balancer's own tunnel packets must come back
     // as the original frame.
@@ -1797,6 +1883,9 @@ fn check_decap_run(t: &Target, frame: &[u8], stats: &mut Stats) -> Result<(u32, 
 ///   output when it is what a frame-bounded reading gives (`Bound::Frame`).
 /// - `ipv4-protocol-58`: an IPv4 packet whose protocol is 58 (ICMPv6) goes down the ICMP
 ///   path as if it were ICMP (protocol 1): an "echo request" to a VIP address is answered.
+/// - `dropped-packet-state`: a NAT packet dropped because it exceeds the MTU has already
+///   pinned its flow and taken a NAT port (the connection table and port allocation come
+///   before the route lookup): replies and ICMP errors for that flow are then translated.
 /// - `quoted-tcp-checksum`: an ICMP error quoting 18 or 19 bytes of a NAT flow's TCP header
 ///   (the checksum field, not the urgent pointer) is translated without updating the quoted
 ///   TCP checksum (the program updates it only when all 20 bytes are quoted).
@@ -2728,6 +2817,30 @@ fn write_seed_corpus() {
         let nated = ip_packet(snat(true), b, 6, tcp(port, NAT_BACKEND_PORT, SYN, &[]), 0);
         frames.push(icmp_error(b, snat(true), 2, &nated[..40 + 19]));
     }
+    let (client, vip): (IpAddr, IpAddr) =
+        ("192.0.2.9".parse().unwrap(), "10.0.0.20".parse().unwrap());
+    let key = Tuple {
+        src: client,
+        sport: 40000,
+        dst: vip,
+        dport: 53,
+        proto: 17,
+    }
+    .key();
+    let port = 40000 + (lb_common::flow_hash(&key) % 20000) as u16;
+    let mut dropped = vec![frame_to(client, vip, 17, 40000, 53, 0, &[0x55; 1480])];
+    for last in BACKENDS {
+        let b = backend(false, last);
+        let mut reply = frame_to(b, snat(false), 17, NAT_BACKEND_PORT, port, 0, b"answer");
+        reply[6..12].copy_from_slice(&mac_of(b));
+        dropped.push(reply);
+    }
+    found(
+        "dropped-packet-state",
+        "a 1508-byte UDP packet to a NAT VIP (dropped: above the MTU), then replies from each \
+         backend to the NAT port it would have had: translated for a flow that never passed",
+        &dropped,
+    );
     found(
         "quoted-tcp-checksum",
         "a NAT flow, then ICMPv6 packet-too-big errors from each backend quoting 19 bytes of its \

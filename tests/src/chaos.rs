@@ -92,22 +92,29 @@ pub const FAULTS: [&str; 7] = [
 
 // ---- Arguments and main ----
 
+/// `--records DIR`: every request of every fault written there as CSV.
+static RECORDS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 struct Args {
     only: Vec<String>,
     flood_syns: u64,
+    after_flood: Duration,
     out: Option<PathBuf>,
     lb: PathBuf,
 }
 
 const USAGE: &str = "\
 usage: lb-chaos [--only kill,cut,restart,reload,ec2,flood,flood-ipip] [--out FILE | --no-out] [--lb PATH]
-                [--flood-syns N]
+                [--flood-syns N] [--after-flood SECS] [--records DIR]
        lb-chaos serve --name NAME [--port N]      (the HTTP backend server)
 
   --only   faults to run (default: all, in that order)
   --out    where to write the results table (default tests/chaos-results.md)
   --lb     the lb binary (default: next to lb-chaos)
   --flood-syns   SYNs of the flood (default 200000, paced at 40000/s)
+  --after-flood SECS  how long the run goes on after the flood (default 15)
+  --records DIR  write every request (start, end, source port, outcome) of each fault
+                 to DIR/<fault>.csv
 
 Run it as root (cargo xtask chaos builds everything and does). Exits 1 on a violation.";
 
@@ -116,6 +123,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>> {
     let mut parsed = Args {
         only: FAULTS.iter().map(|s| s.to_string()).collect(),
         flood_syns: FLOOD_PACKETS,
+        after_flood: AFTER_FLOOD,
         out: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("chaos-results.md")),
         lb: exe.with_file_name("lb"),
     };
@@ -130,6 +138,18 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>> {
             }
             "--out" => parsed.out = Some(args.next().context("--out needs a value")?.into()),
             "--no-out" => parsed.out = None,
+            "--after-flood" => {
+                let secs: u64 = args
+                    .next()
+                    .context("--after-flood needs a value")?
+                    .parse()?;
+                parsed.after_flood = Duration::from_secs(secs.max(6));
+            }
+            "--records" => {
+                let dir = PathBuf::from(args.next().context("--records needs a value")?);
+                std::fs::create_dir_all(&dir)?;
+                let _ = RECORDS.set(dir);
+            }
             "--flood-syns" => {
                 parsed.flood_syns = args.next().context("--flood-syns needs a value")?.parse()?
             }
@@ -1081,6 +1101,28 @@ fn judge(
     }
 }
 
+fn write_records(fault: &str, records: &[Record]) {
+    let Some(dir) = RECORDS.get() else { return };
+    let mut csv = String::from("start_s,end_s,source_port,outcome\n");
+    for r in records {
+        let outcome = match &r.outcome {
+            Outcome::Answered(b) => BACKENDS[*b].to_owned(),
+            Outcome::Failed(why) => format!("failed: {}", why.replace(',', ";")),
+        };
+        let _ = writeln!(
+            csv,
+            "{:.4},{:.4},{},{outcome}",
+            r.start.as_secs_f64(),
+            r.end.as_secs_f64(),
+            r.port
+        );
+    }
+    let path = dir.join(format!("{fault}.csv"));
+    if let Err(e) = std::fs::write(&path, csv) {
+        eprintln!("lb-chaos: cannot write {}: {e}", path.display());
+    }
+}
+
 fn row(
     fault: &str,
     verdict: Verdict,
@@ -1088,6 +1130,7 @@ fn row(
     notes: String,
     mut extra: Vec<String>,
 ) -> Row {
+    write_records(fault, &verdict.records);
     let mut violations = verdict.violations;
     violations.append(&mut extra);
     Row {
@@ -1155,7 +1198,7 @@ fn run_fault(fault: &str, args: &Args) -> Result<Row> {
         "cut" => backend_fault(&mut lab, fault, 2),
         "restart" => restart(&mut lab),
         "reload" => reload(&mut lab),
-        "flood" | "flood-ipip" => flood(&mut lab, fault, args.flood_syns),
+        "flood" | "flood-ipip" => flood(&mut lab, fault, args.flood_syns, args.after_flood),
         _ => bail!("unknown fault {fault}"),
     }
 }
@@ -1561,7 +1604,7 @@ fn syn_flood(
     })
 }
 
-fn flood(lab: &mut ChaosLab, fault: &str, syns: u64) -> Result<Row> {
+fn flood(lab: &mut ChaosLab, fault: &str, syns: u64, after_flood: Duration) -> Result<Row> {
     let predictor = lab.predictor()?;
     lab.start_traffic()?;
     std::thread::sleep(STEADY);
@@ -1576,7 +1619,7 @@ fn flood(lab: &mut ChaosLab, fault: &str, syns: u64) -> Result<Row> {
     )?;
     let flood_end = lab.now();
     // The status counts the tables every few seconds; and is the flood absorbed once over?
-    std::thread::sleep(AFTER_FLOOD);
+    std::thread::sleep(after_flood);
     let after = lab.status()?;
     let end = lab.now();
     let reason = |s: &lb_user::status::Status, name: &str| {

@@ -7,6 +7,8 @@
 //! per-lab prefix, and everything is deleted on Drop, also when a test panics.
 
 mod capture;
+#[cfg(feature = "ec2")]
+pub mod chaos;
 mod client;
 mod dsr;
 mod imds;

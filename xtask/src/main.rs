@@ -66,6 +66,14 @@ enum Task {
     /// Release packages under target/dist: a tarball and a .deb with `lb`, the systemd unit, an
     /// example config, the README, man pages and shell completions.
     Dist,
+    /// Faults under load (issue 7): build `lb` and `lb-chaos`, then inject faults one after
+    /// another into namespace labs under HTTP load; prints the results table, writes
+    /// tests/chaos-results.md, fails on a violated invariant. Needs root.
+    Chaos {
+        /// Extra arguments for lb-chaos (e.g. `-- --only kill,flood`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// The project's test command: prereqs, build `lb`, `cargo test` of every suite. Needs root.
     Test {
         /// Extra arguments for the test binaries, after `--` (e.g. `-- --test-threads 1`).
@@ -82,6 +90,7 @@ fn main() -> ExitCode {
         Task::Test { test_args } => test(&test_args),
         Task::Bench { quick, only } => bench(quick, &only),
         Task::Dist => dist(),
+        Task::Chaos { args } => chaos(&args),
         Task::Demo {
             mode,
             duration,
@@ -275,6 +284,32 @@ fn dist() -> Result<()> {
                 build_lb(true)
             }),
             ("package", &|| dist::package(&target_dir()?)),
+        ],
+    )
+}
+
+fn chaos(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!(
+            "`cargo xtask chaos` must run as root: it creates network namespaces and veth pairs \
+             and attaches XDP programs inside them (try `sudo -E cargo xtask chaos`)"
+        );
+    }
+    run_steps(
+        "chaos",
+        &[
+            ("prerequisites", &prereqs::ensure),
+            ("build lb and lb-chaos", &|| {
+                run(cargo().args([
+                    "build", "-p", "lb-user", "--bin", "lb", "-p", "tests", "--bin", "lb-chaos",
+                ]))
+            }),
+            ("inject the faults under load", &|| {
+                let exe = target_dir()?.join("debug").join("lb-chaos");
+                let mut cmd = std::process::Command::new(&exe);
+                cmd.args(args).current_dir(cmd::workspace_root());
+                run(&mut cmd)
+            }),
         ],
     )
 }

@@ -12,7 +12,7 @@
 pub mod hash;
 pub mod maps;
 
-pub use hash::{flow_hash, maglev_slot};
+pub use hash::{flow_hash, flow_hash_v4, maglev_slot};
 pub use maps::*;
 
 /// Size of every VIP's Maglev lookup table. A prime (the Maglev paper's M); at more than

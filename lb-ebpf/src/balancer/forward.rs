@@ -1,7 +1,9 @@
 //! Sends a packet whose backend is chosen on its way, according to the VIP's forwarding mode.
 
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_jiffies64, programs::XdpContext};
-use lb_common::{Addr, ForwardingMode, NEXT_HOP_CACHE_JIFFIES, Reason, Settings, VipInfo};
+use lb_common::{
+    Addr, ForwardingMode, MAX_BACKENDS, NEXT_HOP_CACHE_JIFFIES, Reason, Settings, VipInfo,
+};
 use lb_ebpf::{
     packet::Headers,
     route::{self, NextHop, Route},
@@ -10,7 +12,7 @@ use lb_ebpf::{
 use crate::{
     conntrack::Selection,
     encap::{self, Tunnel},
-    maps::{FIB_SCRATCH, NEXT_HOPS},
+    maps::{CLIENT_HOP_SLOTS, FIB_SCRATCH, NEXT_HOPS},
     nat::{self, Tuple},
     verdict::Verdict,
 };
@@ -29,13 +31,10 @@ pub fn route_to(
     route::lookup(ctx, unsafe { &mut *params }, family, (src, dst), tot_len)
 }
 
-/// The route to backend `id` at `dst`: from this CPU's next-hop cache while its entry is fresh,
-/// for the same ingress interface and no larger a packet than the FIB has accepted, else from
-/// `bpf_fib_lookup` (which then refreshes the entry if the neighbour is resolved).
-///
-/// The cache is per backend, not per source address: it assumes that the route to a backend
-/// does not depend on the packet's source (no source-based policy routing towards backends).
-/// A changed neighbour or route is followed within `NEXT_HOP_CACHE_JIFFIES`.
+/// The route to backend `id` at `dst` (see `cached_route`). The entry is per backend, not per
+/// source address: it assumes that the route to a backend does not depend on the packet's
+/// source (no source-based policy routing towards backends; the IPIP/GUE outer source varies
+/// per flow).
 #[inline(always)]
 pub fn route_to_backend(
     ctx: &XdpContext,
@@ -45,7 +44,41 @@ pub fn route_to_backend(
     dst: &Addr,
     tot_len: u16,
 ) -> Result<Route, Reason> {
-    let entry = NEXT_HOPS.get_ptr_mut(id).ok_or(Reason::DropInternal)?;
+    cached_route(ctx, id, family, (src, &[0; 4]), dst, tot_len)
+}
+
+/// The route of a NAT reply to client `dst` from VIP `src` (see `cached_route`): one of
+/// `CLIENT_HOP_SLOTS` entries chosen by the client address, tagged with both addresses
+/// (source policy routing, e.g. per-VIP uplinks, is honoured).
+#[inline(always)]
+pub fn route_to_client(
+    ctx: &XdpContext,
+    family: u8,
+    src: &Addr,
+    dst: &Addr,
+    tot_len: u16,
+) -> Result<Route, Reason> {
+    let mixed = (dst[0] ^ dst[1] ^ dst[2] ^ dst[3]).wrapping_mul(0x9e37_79b1);
+    let slot = MAX_BACKENDS + (mixed >> (32 - CLIENT_HOP_SLOTS.trailing_zeros()));
+    cached_route(ctx, slot, family, (src, src), dst, tot_len)
+}
+
+/// The route `src -> dst` from entry `slot` of this CPU's next-hop cache while the entry is
+/// fresh, is for `dst` and `src_tag` from the same ingress interface, and the packet is no
+/// larger than the FIB has accepted for it; else from `bpf_fib_lookup`, which then refreshes
+/// the entry if the neighbour is resolved (an unresolved one is never cached: those packets
+/// go to the kernel). A changed neighbour or route is followed within
+/// `NEXT_HOP_CACHE_JIFFIES`.
+#[inline(always)]
+fn cached_route(
+    ctx: &XdpContext,
+    slot: u32,
+    family: u8,
+    (src, src_tag): (&Addr, &Addr),
+    dst: &Addr,
+    tot_len: u16,
+) -> Result<Route, Reason> {
+    let entry = NEXT_HOPS.get_ptr_mut(slot).ok_or(Reason::DropInternal)?;
     // SAFETY: a per-CPU map value; XDP runs with migration disabled.
     let entry = unsafe { &mut *entry };
     let now = unsafe { bpf_jiffies64() };
@@ -56,6 +89,10 @@ pub fn route_to_backend(
         && entry.addr[1] == dst[1]
         && entry.addr[2] == dst[2]
         && entry.addr[3] == dst[3]
+        && entry.src[0] == src_tag[0]
+        && entry.src[1] == src_tag[1]
+        && entry.src[2] == src_tag[2]
+        && entry.src[3] == src_tag[3]
         && now < entry.expires;
     if same && tot_len <= entry.ok_len {
         return Ok(Route {
@@ -76,6 +113,7 @@ pub fn route_to_backend(
             entry.family = family;
             entry.in_ifindex = in_ifindex;
             entry.addr = *dst;
+            entry.src = *src_tag;
             entry.expires = now + NEXT_HOP_CACHE_JIFFIES;
             entry.ok_len = tot_len;
         }
@@ -188,7 +226,7 @@ fn reply_to_client(
 ) -> Result<(u32, Reason), Reason> {
     let Headers { l2, l3, l4 } = headers;
     let new = nat::reply_tuple(settings, l3, l4)?;
-    let route = route_to(ctx, l3.family, &new.src, &new.dst, l3.ip_len as u16)?;
+    let route = route_to_client(ctx, l3.family, &new.src, &new.dst, l3.ip_len as u16)?;
     nat::rewrite(ctx, l2.l3_off(), l3, &Tuple::of(l3, l4), &new)?;
     finish(ctx, route)
 }

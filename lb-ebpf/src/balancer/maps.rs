@@ -54,13 +54,15 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
 
-/// A backend's next hop as `bpf_fib_lookup` last returned it (see `forward::route_to_backend`).
-/// The entry is for `addr` reached from `in_ifindex` and valid until `expires` (jiffies), for
-/// packets of at most `ok_len` bytes (the largest the FIB's MTU check has let through).
+/// A next hop as `bpf_fib_lookup` last returned it (see `forward::cached_route`). The entry is
+/// for `addr` (from `src`, zero for backends) reached from `in_ifindex` and valid until
+/// `expires` (jiffies), for packets of at most `ok_len` bytes (the largest the FIB's MTU check
+/// has let through).
 #[derive(Clone, Copy)]
 #[repr(C)]
 pub struct CachedHop {
     pub addr: Addr,
+    pub src: Addr,
     pub expires: u64,
     pub in_ifindex: u32,
     pub out_ifindex: u32,
@@ -72,10 +74,15 @@ pub struct CachedHop {
     pub family: u8,
 }
 
-/// Next hops by backend id, per CPU: each CPU refreshes its own entries, so nothing is shared
-/// or written between CPUs on the fast path.
+/// Entries of `NEXT_HOPS` for NAT replies, after the backends' (a power of two): chosen by the
+/// client address, so concurrent clients may share one and miss.
+pub const CLIENT_HOP_SLOTS: u32 = 1024;
+
+/// Next hops per CPU: by backend id, then `CLIENT_HOP_SLOTS` for NAT replies to clients. Each
+/// CPU refreshes its own entries, so nothing is shared or written between CPUs on the fast path.
 #[map]
-pub static NEXT_HOPS: PerCpuArray<CachedHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static NEXT_HOPS: PerCpuArray<CachedHop> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS + CLIENT_HOP_SLOTS, 0);
 
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

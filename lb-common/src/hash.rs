@@ -52,6 +52,27 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     finish(h, 40)
 }
 
+/// [`flow_hash`] of an IPv4 flow key (addresses in word 0, the other address words zero),
+/// from its fields: the same value, with the rounds over the zero words folded to constants
+/// by the compiler (the XDP program's IPv4 path; about a third of the instructions).
+#[inline(always)]
+pub fn flow_hash_v4(src: u32, dst: u32, src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    let ports = (src_port as u32) | ((dst_port as u32) << 16);
+    let proto = (proto as u32) | ((crate::FAMILY_V4 as u32) << 8);
+    let mut h = FLOW_HASH_SEED;
+    h = mix(h, src);
+    h = mix(h, 0);
+    h = mix(h, 0);
+    h = mix(h, 0);
+    h = mix(h, dst);
+    h = mix(h, 0);
+    h = mix(h, 0);
+    h = mix(h, 0);
+    h = mix(h, ports);
+    h = mix(h, proto);
+    finish(h, 40)
+}
+
 /// The Maglev table position of a flow hash.
 #[inline(always)]
 pub const fn maglev_slot(hash: u32) -> u32 {
@@ -71,6 +92,30 @@ mod tests {
         assert_eq!(flow_hash(&key), flow_hash(&key));
         let other = FlowKey::v4([10, 0, 0, 1], 40001, [10, 0, 0, 10], 80, IPPROTO_TCP);
         assert_ne!(flow_hash(&key), flow_hash(&other));
+    }
+
+    #[test]
+    fn the_ipv4_hash_is_the_flow_hash() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let (src, dst) = ((x >> 32) as u32, x as u32);
+            let (sport, dport) = ((x >> 16) as u16, (x >> 40) as u16);
+            for proto in [IPPROTO_TCP, crate::IPPROTO_UDP] {
+                let key = FlowKey {
+                    src: [src, 0, 0, 0],
+                    dst: [dst, 0, 0, 0],
+                    src_port: sport,
+                    dst_port: dport,
+                    proto,
+                    family: crate::FAMILY_V4,
+                    _pad: [0; 2],
+                };
+                assert_eq!(flow_hash_v4(src, dst, sport, dport, proto), flow_hash(&key));
+            }
+        }
     }
 
     #[test]

@@ -12,7 +12,7 @@
 pub mod hash;
 pub mod maps;
 
-pub use hash::{flow_hash, maglev_slot};
+pub use hash::{flow_hash, flow_hash_v4, maglev_slot};
 pub use maps::*;
 
 /// Size of every VIP's Maglev lookup table. A prime (the Maglev paper's M); at more than
@@ -38,6 +38,11 @@ pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 /// A closed TCP flow's connection entry and NAT port are reused after this long (a reused
 /// 5-tuple before that is taken for a retransmission of the old connection).
 pub const TCP_CLOSING_TIMEOUT_NS: u64 = 10_000_000_000;
+/// How long the data plane reuses a backend's next hop (egress interface, MAC addresses) from
+/// its per-CPU cache before asking the FIB again, in jiffies (1 s at CONFIG_HZ=250; 0.25-2.5 s
+/// over the usual HZ values): a neighbour or route change reaches a backend's traffic at most
+/// this late. Unresolved neighbours are never cached (those packets go to the kernel).
+pub const NEXT_HOP_CACHE_JIFFIES: u64 = 250;
 /// How many NAT source ports a new flow tries before the range counts as exhausted.
 pub const NAT_PORT_PROBES: u32 = 16;
 /// VIP entries for ICMP (echo) use port 0.

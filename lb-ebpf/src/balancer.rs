@@ -22,7 +22,10 @@ mod stats;
 mod verdict;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use lb_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, Reason, Settings, VipInfo, VipKey, flow_hash};
+use lb_common::{
+    FAMILY_V4, IPPROTO_ICMP, IPPROTO_ICMPV6, Reason, Settings, VipInfo, VipKey, flow_hash,
+    flow_hash_v4,
+};
 use lb_ebpf::packet::{Headers, flow_key, parse_l2, parse_l3, parse_l4};
 
 use maps::{BACKEND_STATS, SCRATCH, SETTINGS, Scratch, VIP_STATS, VIPS};
@@ -89,7 +92,11 @@ fn forward_to_backend(
 ) -> Result<(u32, Reason), Reason> {
     let Headers { l3, l4, .. } = scratch.headers;
     scratch.flow = flow_key(&l3, &l4);
-    let hash = flow_hash(&scratch.flow);
+    let hash = if l3.family == FAMILY_V4 {
+        flow_hash_v4(l3.src[0], l3.dst[0], l4.src_port, l4.dst_port, l3.proto)
+    } else {
+        flow_hash(&scratch.flow)
+    };
     let selection = conntrack::select(settings, scratch, hash, vip, l4.tcp_flags)?;
     let result = forward::forward(ctx, settings, &scratch.headers, vip, &selection, hash)?;
     stats::count_traffic(&VIP_STATS, vip.id, l3.ip_len, selection.new_flow);

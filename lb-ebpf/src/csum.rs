@@ -1,7 +1,5 @@
 //! Internet checksums (RFC 1071) for the fixed-size headers the programs write.
 
-use crate::headers::Ipv4Hdr;
-
 /// Folds a 32-bit one's-complement sum to 16 bits.
 #[inline(always)]
 pub fn fold(mut sum: u32) -> u16 {
@@ -10,17 +8,26 @@ pub fn fold(mut sum: u32) -> u16 {
     sum as u16
 }
 
-/// The header checksum of an IPv4 header without options whose `check` field is zero.
-/// The result is in the same (network) byte order as the header words it was summed from.
+/// The header checksum of an IPv4 header without options, from the values being written rather
+/// than read back from the packet: its ten 16-bit words as stored (network order), with
+/// `id` and `check` zero. `saddr` and `daddr` as stored too.
 #[inline(always)]
-pub fn ipv4_header(ip: &Ipv4Hdr) -> u16 {
-    let words: &[u16; 10] = unsafe { &*(ip as *const Ipv4Hdr as *const [u16; 10]) };
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 10 {
-        sum += words[i] as u32;
-        i += 1;
-    }
+pub fn ipv4_header_of(
+    version_ihl_tos: u16,
+    tot_len: u16,
+    frag_off: u16,
+    ttl_protocol: u16,
+    saddr: u32,
+    daddr: u32,
+) -> u16 {
+    let sum = version_ihl_tos as u32
+        + tot_len as u32
+        + frag_off as u32
+        + ttl_protocol as u32
+        + (saddr & 0xffff)
+        + (saddr >> 16)
+        + (daddr & 0xffff)
+        + (daddr >> 16);
     !fold(sum)
 }
 

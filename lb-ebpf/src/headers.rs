@@ -22,11 +22,15 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// MAC addresses are kept as three 16-bit words (the bytes in wire order): a copy is then three
+/// loads and stores, where a `[u8; 6]` copy compiles to a byte-at-a-time `memmove` call.
+pub type Mac = [u16; 3];
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct EthHdr {
-    pub dst: [u8; ETH_ALEN],
-    pub src: [u8; ETH_ALEN],
+    pub dst: Mac,
+    pub src: Mac,
     pub ether_type: u16,
 }
 

@@ -13,7 +13,17 @@ use aya_ebpf::{
 use core::mem::size_of;
 use lb_common::{Addr, FAMILY_V4, Reason};
 
-use crate::{headers::EthHdr, packet::ptr_at};
+use crate::{
+    headers::{EthHdr, Mac},
+    packet::ptr_at,
+};
+
+/// A MAC address in the helper's parameter block, as three 16-bit words (both MAC fields are at
+/// even offsets of the 4-byte aligned block).
+#[inline(always)]
+fn mac_words(mac: &[u8; 6]) -> Mac {
+    unsafe { *(mac as *const [u8; 6] as *const Mac) }
+}
 
 /// The answer of a FIB lookup the caller still has to act on. A struct rather than an enum
 /// whose no-neighbour variant has no next hop: every field is always initialised, because the
@@ -29,8 +39,8 @@ pub struct Route {
 #[derive(Clone, Copy)]
 pub struct NextHop {
     pub ifindex: u32,
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
+    pub src_mac: Mac,
+    pub dst_mac: Mac,
     /// The next hop is the destination itself (on-link), not a gateway.
     pub on_link: bool,
 }
@@ -90,8 +100,8 @@ pub fn lookup(
     Ok(Route {
         hop: NextHop {
             ifindex: params.ifindex,
-            src_mac: params.smac,
-            dst_mac: params.dmac,
+            src_mac: mac_words(&params.smac),
+            dst_mac: mac_words(&params.dmac),
             on_link,
         },
         resolved,

@@ -789,6 +789,45 @@ fn undeliverable_packets_are_dropped_and_counted() {
 }
 
 #[test]
+fn a_changed_neighbour_is_followed_within_the_next_hop_cache_lifetime() {
+    with_fixture(None, |fx| {
+        // The next hop of a backend is cached per CPU for NEXT_HOP_CACHE_JIFFIES (1 s at
+        // HZ=250, at most 2.5 s at HZ=100): a new MAC for the backend must be used after that.
+        let service = service("web4");
+        let request = request_to(service, 47000, ACK);
+        let backend = fx.forward(service, &request);
+        let new_mac = [0x02, 0xee, 0, 0, 0, 0x42];
+        let status = std::process::Command::new("ip")
+            .args(["-4", "neigh", "replace", &backend.to_string(), "lladdr"])
+            .arg(mac_string(new_mac))
+            .args(["dev", NIC, "nud", "permanent"])
+            .status()?;
+        assert!(status.success(), "ip neigh replace");
+        let want = with_macs(
+            fx.expected(service, &request, backend),
+            new_mac,
+            BALANCER_MAC,
+        );
+        let deadline = Instant::now() + Duration::from_secs(4);
+        loop {
+            let (action, out) = fx.run(&request.frame());
+            assert_eq!(action, XDP_TX);
+            if out == want {
+                break;
+            }
+            // Until then, the previous next hop, whole.
+            assert_eq!(hex(&out), hex(&fx.expected(service, &request, backend)));
+            assert!(
+                Instant::now() < deadline,
+                "the new neighbour MAC was not used within 4 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn counters_match_the_packets_sent() {
     with_fixture(None, |fx| {
         let web4 = service("web4");

@@ -52,7 +52,14 @@ pub fn select(
     } else {
         0
     };
-    if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
+    // Outside NAT a SYN re-selects whatever the table holds: no lookup, only the insert below
+    // (the lookup of a new flow is a bucket walk of a large table, usually a cache miss).
+    let known = if nat || !is_syn {
+        CONNTRACK.get_ptr_mut(key)
+    } else {
+        None
+    };
+    if let Some(flow) = known {
         let flow = unsafe { &mut *flow };
         let idle = now.saturating_sub(flow.last_seen_ns);
         let closed = flow.flags & FLOW_CLOSING != 0;

@@ -109,17 +109,27 @@ pub fn push(ctx: &XdpContext, l2: &L2, l3: &L3, tunnel: &Tunnel) -> Result<(), R
     let l4_off = if l3.family == FAMILY_V4 {
         let ip: *mut Ipv4Hdr = ptr_at(ctx, l2.l3_off()).ok_or(Reason::DropInternal)?;
         let ip = unsafe { &mut *ip };
+        let tot_len = ((IPV4_HLEN + ip_payload) as u16).to_be();
+        let frag_off = dont_fragment.to_be();
+        let protocol = if gue { IPPROTO_UDP } else { IPPROTO_IPIP };
         ip.version_ihl = IPV4_VERSION_IHL;
         ip.tos = tos;
-        ip.tot_len = ((IPV4_HLEN + ip_payload) as u16).to_be();
+        ip.tot_len = tot_len;
         ip.id = 0;
-        ip.frag_off = dont_fragment.to_be();
+        ip.frag_off = frag_off;
         ip.ttl = ENCAP_TTL;
-        ip.protocol = if gue { IPPROTO_UDP } else { IPPROTO_IPIP };
-        ip.check = 0;
+        ip.protocol = protocol;
         ip.saddr = tunnel.src[0];
         ip.daddr = tunnel.dst[0];
-        ip.check = csum::ipv4_header(ip);
+        // Summed from the values, not read back from the packet.
+        ip.check = csum::ipv4_header_of(
+            u16::from_ne_bytes([IPV4_VERSION_IHL, tos]),
+            tot_len,
+            frag_off,
+            u16::from_ne_bytes([ENCAP_TTL, protocol]),
+            tunnel.src[0],
+            tunnel.dst[0],
+        );
         l2.l3_off() + IPV4_HLEN
     } else {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, l2.l3_off()).ok_or(Reason::DropInternal)?;

@@ -7,11 +7,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, DEFAULT_CONNTRACK_ENTRIES, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, MaglevTable,
+    Addr, Backend, DEFAULT_CONNTRACK_ENTRIES, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, MaglevTable,
     NatReverse, REASON_COUNT, Settings, TABLE_SLOTS_PER_VIP, TrafficCounters, VIP_MAP_ENTRIES,
     VipInfo, VipKey,
 };
-use lb_ebpf::packet::Headers;
+use lb_ebpf::{headers::Mac, packet::Headers};
 
 /// Services: (address, port, protocol) -> id, live table slot and forwarding mode.
 #[map]
@@ -53,6 +53,36 @@ pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// Scratch space for `bpf_fib_lookup`'s 64-byte parameter block, kept off the stack.
 #[map]
 pub static FIB_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
+/// A next hop as `bpf_fib_lookup` last returned it (see `forward::cached_route`). The entry is
+/// for `addr` (from `src`, zero for backends) reached from `in_ifindex` and valid until
+/// `expires` (jiffies), for packets of at most `ok_len` bytes (the largest the FIB's MTU check
+/// has let through).
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub struct CachedHop {
+    pub addr: Addr,
+    pub src: Addr,
+    pub expires: u64,
+    pub in_ifindex: u32,
+    pub out_ifindex: u32,
+    pub dst_mac: Mac,
+    pub src_mac: Mac,
+    pub ok_len: u16,
+    pub on_link: u8,
+    /// The backend's family; 0: empty.
+    pub family: u8,
+}
+
+/// Entries of `NEXT_HOPS` for NAT replies, after the backends' (a power of two): chosen by the
+/// client address, so concurrent clients may share one and miss.
+pub const CLIENT_HOP_SLOTS: u32 = 1024;
+
+/// Next hops per CPU: by backend id, then `CLIENT_HOP_SLOTS` for NAT replies to clients. Each
+/// CPU refreshes its own entries, so nothing is shared or written between CPUs on the fast path.
+#[map]
+pub static NEXT_HOPS: PerCpuArray<CachedHop> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS + CLIENT_HOP_SLOTS, 0);
 
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);

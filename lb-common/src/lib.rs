@@ -38,6 +38,11 @@ pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 /// A closed TCP flow's connection entry and NAT port are reused after this long (a reused
 /// 5-tuple before that is taken for a retransmission of the old connection).
 pub const TCP_CLOSING_TIMEOUT_NS: u64 = 10_000_000_000;
+/// A NAT flow whose client has not acknowledged the handshake (a SYN flood's shape: spoofed
+/// sources never answer) gives its connection entry and source port up after this long idle,
+/// so a flood cannot hold the NAT ports. A client that needs longer to send its first ACK gets
+/// a new port (its connection fails, never another client's replies).
+pub const TCP_HALF_OPEN_TIMEOUT_NS: u64 = 3_000_000_000;
 /// How long the data plane reuses a backend's next hop (egress interface, MAC addresses) from
 /// its per-CPU cache before asking the FIB again, in jiffies (1 s at CONFIG_HZ=250; 0.25-2.5 s
 /// over the usual HZ values): a neighbour or route change reaches a backend's traffic at most

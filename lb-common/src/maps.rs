@@ -160,6 +160,9 @@ pub struct Flow {
 
 /// A FIN or RST was seen: the flow (and its NAT port) may be reused after `TCP_CLOSING_TIMEOUT_NS`.
 pub const FLOW_CLOSING: u8 = 1;
+/// The client acknowledged (an ACK without SYN): the handshake completed, so the flow is no
+/// longer half-open (see `TCP_HALF_OPEN_TIMEOUT_NS`).
+pub const FLOW_ESTABLISHED: u8 = 2;
 
 /// Value of the `NAT_REVERSE` LRU map, keyed by the reply's 5-tuple as it arrives from the
 /// backend (backend -> SNAT address and port): where the reply goes back to.

@@ -68,7 +68,13 @@ fn balance(ctx: &XdpContext) -> Verdict {
 fn parse(ctx: &XdpContext) -> Result<Option<Headers>, Reason> {
     let l2 = parse_l2(ctx)?;
     let l3 = parse_l3(ctx, &l2)?;
-    if l3.proto == IPPROTO_ICMP || l3.proto == IPPROTO_ICMPV6 {
+    // Each family's own ICMP only: protocol 58 inside IPv4 is not ICMP (it is passed).
+    let icmp = if l3.family == FAMILY_V4 {
+        IPPROTO_ICMP
+    } else {
+        IPPROTO_ICMPV6
+    };
+    if l3.proto == icmp {
         return Ok(None);
     }
     let l4 = parse_l4(ctx, &l3)?;

@@ -142,6 +142,16 @@ impl L3 {
     pub const fn l4_off(&self) -> usize {
         self.l4_off as usize
     }
+
+    /// Where the IP packet ends, as its header says.
+    pub const fn ip_end(&self) -> usize {
+        let header = if self.family == FAMILY_V4 {
+            IPV4_HLEN
+        } else {
+            IPV6_HLEN
+        };
+        self.l4_off() - header + self.ip_len
+    }
 }
 
 /// Ports (network order) and TCP flags of a TCP or UDP header at `l3.l4_off()`.
@@ -153,8 +163,18 @@ pub struct L4 {
     pub tcp_flags: u8,
 }
 
+/// The TCP or UDP header, which must lie inside the IP packet as its length says (bytes after
+/// it are link padding or garbage, never a header).
 #[inline(always)]
 pub fn parse_l4(ctx: &XdpContext, l3: &L3) -> Result<L4, Reason> {
+    let header = if l3.proto == IPPROTO_TCP {
+        core::mem::size_of::<TcpHdr>()
+    } else {
+        core::mem::size_of::<UdpHdr>()
+    };
+    if l3.l4_off() + header > l3.ip_end() {
+        return Err(Reason::PassTruncated);
+    }
     match l3.proto {
         IPPROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l3.l4_off()).ok_or(Reason::PassTruncated)?;

@@ -2,13 +2,14 @@
 //! new flows. A TCP SYN re-selects (a new connection on a reused 5-tuple follows the current
 //! table, as in Katran), except in NAT mode while the flow is open: there a SYN on a known
 //! flow is a retransmission and must keep its backend and source port. A flow pinned to a
-//! backend that is down or gone, a UDP flow idle longer than the UDP timeout, and a closed
-//! NAT flow past its closing timeout are re-selected and re-pinned.
+//! backend that is down or gone, a UDP flow idle longer than the UDP timeout, and a closed or
+//! half-open NAT flow past its timeout are re-selected and re-pinned.
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use lb_common::{
     Backend, FLOW_CLOSING, FLOW_TOUCH_INTERVAL_NS, Flow, ForwardingMode, IPPROTO_TCP, IPPROTO_UDP,
-    Reason, Settings, TCP_CLOSING_TIMEOUT_NS, VipInfo, backend_state, maglev_slot,
+    Reason, Settings, TCP_CLOSING_TIMEOUT_NS, TCP_HALF_OPEN_TIMEOUT_NS, VipInfo, backend_state,
+    maglev_slot,
 };
 use lb_ebpf::headers::{TCP_ACK, TCP_SYN};
 
@@ -63,8 +64,13 @@ pub fn select(
         let flow = unsafe { &mut *flow };
         let idle = now.saturating_sub(flow.last_seen_ns);
         let closed = flow.flags & FLOW_CLOSING != 0;
+        // A half-open NAT flow past its timeout may have lost its port to another flow: it is
+        // re-pinned (a new port) rather than sent with the port it had.
+        let half_open_expired = key.proto == IPPROTO_TCP
+            && nat::half_open(flow.flags)
+            && idle > TCP_HALF_OPEN_TIMEOUT_NS;
         let reselect = if nat {
-            closed && (is_syn || idle > TCP_CLOSING_TIMEOUT_NS)
+            (closed && (is_syn || idle > TCP_CLOSING_TIMEOUT_NS)) || half_open_expired
         } else {
             is_syn
         };

@@ -5,8 +5,9 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use lb_common::{
-    Addr, FAMILY_V4, FLOW_CLOSING, FLOW_TOUCH_INTERVAL_NS, FlowKey, IPPROTO_TCP, IPPROTO_UDP,
-    NAT_PORT_PROBES, NatReverse, Reason, Settings, TCP_CLOSING_TIMEOUT_NS,
+    Addr, FAMILY_V4, FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_TOUCH_INTERVAL_NS, FlowKey, IPPROTO_TCP,
+    IPPROTO_UDP, NAT_PORT_PROBES, NatReverse, Reason, Settings, TCP_CLOSING_TIMEOUT_NS,
+    TCP_HALF_OPEN_TIMEOUT_NS,
 };
 use lb_ebpf::{
     csum,
@@ -86,12 +87,20 @@ pub fn rewrite(
     Ok(())
 }
 
-/// An entry whose flow has ended (closed, or UDP idle) and whose port may be given away.
+/// An entry whose flow has ended (closed, half-open and idle, or UDP idle) and whose port may
+/// be given away.
 #[inline(always)]
 fn expired(flags: u8, last_seen_ns: u64, proto: u8, now: u64, udp_timeout_ns: u64) -> bool {
     let idle = now.saturating_sub(last_seen_ns);
     (flags & FLOW_CLOSING != 0 && idle > TCP_CLOSING_TIMEOUT_NS)
+        || (proto == IPPROTO_TCP && half_open(flags) && idle > TCP_HALF_OPEN_TIMEOUT_NS)
         || (proto == IPPROTO_UDP && idle > udp_timeout_ns)
+}
+
+/// A TCP flow whose client never acknowledged the handshake (nor closed it).
+#[inline(always)]
+pub fn half_open(flags: u8) -> bool {
+    flags & (FLOW_ESTABLISHED | FLOW_CLOSING) == 0
 }
 
 /// The reply 5-tuple of a NAT flow to `backend`, as the reverse map is keyed.
@@ -192,10 +201,15 @@ fn allocate_port(settings: &Settings, scratch: &mut Scratch, new: &NewFlow) -> u
     0
 }
 
-/// Marks a TCP flow closing on FIN/RST, and refreshes a flow's last-seen time at most once per
-/// `FLOW_TOUCH_INTERVAL_NS`.
+/// Marks a TCP flow established on its first ACK and closing on FIN/RST (both refresh the
+/// last-seen time, so the caller passes them on to the reverse entry), and refreshes a flow's
+/// last-seen time at most once per `FLOW_TOUCH_INTERVAL_NS` otherwise.
 #[inline(always)]
 pub fn touch(flags: &mut u8, last_seen_ns: &mut u64, tcp_flags: u8, now: u64) {
+    if tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK && *flags & FLOW_ESTABLISHED == 0 {
+        *flags |= FLOW_ESTABLISHED;
+        *last_seen_ns = now;
+    }
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         if *flags & FLOW_CLOSING == 0 {
             *flags |= FLOW_CLOSING;

@@ -1010,6 +1010,7 @@ fn judge(
     predictor: &Predictor,
     fault_at: Duration,
     victim: Option<Victim>,
+    ports_held: Option<(Duration, Duration)>,
 ) -> Verdict {
     let records = lab.load.as_mut().map(Load::finish).unwrap_or_default();
     let sessions = lab
@@ -1049,7 +1050,7 @@ fn judge(
         let predicted = predictor.backend(r.port);
         let explained = victim.as_ref().is_some_and(|v| {
             predicted == Some(v.backend) && r.start >= v.window.0 && r.start <= v.window.1
-        });
+        }) || ports_held.is_some_and(|(from, to)| r.start >= from && r.start <= to);
         if !explained {
             unexplained.push(format!(
                 "request from port {} started at {:.2}s, failed at {:.2}s ({why}), predicted \
@@ -1257,6 +1258,7 @@ fn backend_fault(lab: &mut ChaosLab, fault: &str, victim: usize) -> Result<Row> 
             backend: victim,
             window,
         }),
+        None,
     );
     // Out of the table after the detection, back after the rejoin.
     let out = answers(&verdict.records, down_at + DETECTION_SLACK, restore_at);
@@ -1311,7 +1313,7 @@ fn restart(lab: &mut ChaosLab) -> Result<Row> {
     let adopted = process.log().contains("adopting the running data plane");
     lab.lb_process = Some(process);
     std::thread::sleep(Duration::from_secs(4));
-    let verdict = judge(lab, &predictor, fault_at, None);
+    let verdict = judge(lab, &predictor, fault_at, None, None);
     let mut extra = Vec::new();
     if !adopted {
         extra.push("the new lb did not adopt the running data plane".into());
@@ -1358,7 +1360,7 @@ fn reload(lab: &mut ChaosLab) -> Result<Row> {
         }
     }
     std::thread::sleep(Duration::from_secs(2));
-    let verdict = judge(lab, &predictor, fault_at, None);
+    let verdict = judge(lab, &predictor, fault_at, None, None);
     let mut extra = Vec::new();
     let drained = answers(
         &verdict.records,
@@ -1450,7 +1452,7 @@ fn ec2(lab: &mut ChaosLab) -> Result<Row> {
     if failures_seen == 0 {
         extra.push("lb counted no discovery failure during the outage".into());
     }
-    let verdict = judge(lab, &predictor, fault_at, None);
+    let verdict = judge(lab, &predictor, fault_at, None, None);
     for (i, chunk) in (0..EC2_OUTAGE.as_secs() / 10).enumerate() {
         let from = fault_at + Duration::from_secs(chunk * 10);
         let per = answers(
@@ -1606,7 +1608,16 @@ fn flood(lab: &mut ChaosLab, fault: &str, syns: u64, after_flood: Duration) -> R
     };
     let exhausted =
         reason(&after, "drop_nat_ports_exhausted") - reason(&before, "drop_nat_ports_exhausted");
-    let verdict = judge(lab, &predictor, fault_at, None);
+    // NAT: a flood of new flows takes the source ports (20 000 per backend here) until its
+    // half-open entries time out; new connections meanwhile find none (counted as exhausted).
+    // Only those failures are explained, and only when the counter shows it happened.
+    let ports_held = (fault == "flood" && exhausted > 0).then(|| {
+        let released = Duration::from_nanos(lb_common::TCP_HALF_OPEN_TIMEOUT_NS)
+            + Duration::from_nanos(lb_common::FLOW_TOUCH_INTERVAL_NS)
+            + REQUEST_TIMEOUT;
+        (fault_at, flood_end + released)
+    });
+    let verdict = judge(lab, &predictor, fault_at, None, ports_held);
     let mut extra = Vec::new();
     let during = verdict
         .records
@@ -1641,13 +1652,18 @@ fn flood(lab: &mut ChaosLab, fault: &str, syns: u64, after_flood: Duration) -> R
     let notes = format!(
         "{sent} SYNs from random sources in {} ({:.0} pps); connection table {} -> {} flows, NAT \
          table {} -> {} (default size 1048576); {lost} established flows lost their backend; \
-         {exhausted} packets dropped for NAT port exhaustion; {during} requests during the flood",
+         {exhausted} packets dropped for NAT port exhaustion; {during} requests during the flood{}",
         secs(took),
         sent as f64 / took.as_secs_f64(),
         before.conntrack_entries,
         after.conntrack_entries,
         before.nat_entries,
-        after.nat_entries
+        after.nat_entries,
+        ports_held.map_or_else(String::new, |(_, to)| format!(
+            "; failures explained while the flood held the NAT ports (until {} after it, the \
+             half-open timeout)",
+            secs(to.saturating_sub(flood_end))
+        ))
     );
     Ok(row(fault, verdict, absorb, notes, extra))
 }

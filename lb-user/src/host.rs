@@ -195,7 +195,8 @@ impl Drop for InterfaceAddresses {
 const DISCARD_PORT: u16 = 9;
 
 /// Makes the kernel resolve the next hop towards each address, so that the XDP program's
-/// `bpf_fib_lookup` finds a neighbour entry for the first packet of a flow.
+/// `bpf_fib_lookup` (asked on a miss of its per-CPU next-hop cache) finds a neighbour entry
+/// for the first packet of a flow.
 pub fn prime_neighbours(addresses: impl IntoIterator<Item = IpAddr>) {
     for address in addresses {
         let bind: SocketAddr = if address.is_ipv4() {

@@ -33,6 +33,10 @@ pub fn handle(ctx: &XdpContext, settings: &Settings) -> Verdict {
 fn answer(ctx: &XdpContext, settings: &Settings) -> Result<(u32, Reason), Reason> {
     let l2 = &parse_l2(ctx)?;
     let l3 = &parse_l3(ctx, l2)?;
+    // Inside the IP packet as its length says, not in trailing bytes.
+    if l3.l4_off() + ICMP_HLEN > l3.ip_end() {
+        return Err(Reason::PassTruncated);
+    }
     let icmp: *mut IcmpHdr = ptr_at(ctx, l3.l4_off()).ok_or(Reason::PassTruncated)?;
     let kind = unsafe { (*icmp).kind };
     let v4 = l3.family == FAMILY_V4;
@@ -92,6 +96,12 @@ fn echo(ctx: &XdpContext, l2: &L2, l3: &L3, icmp: *mut IcmpHdr) -> Result<(u32, 
     unsafe { core::mem::swap(&mut (*eth).src, &mut (*eth).dst) };
     Ok((xdp_action::XDP_TX, Reason::IcmpEchoReply))
 }
+
+/// Source and destination port of a quoted TCP/UDP header.
+const QUOTED_PORTS_LEN: usize = 4;
+/// A TCP header up to and including its checksum (bytes 16-17), in 16-bit words.
+const TCP_THROUGH_CHECKSUM_WORDS: usize = 9;
+const TCP_CHECKSUM_WORD: usize = 8;
 
 /// Where a translated error goes: its new outer addresses and the quoted packet's new tuple.
 struct Translation {
@@ -210,6 +220,9 @@ fn error(
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return Err(Reason::PassIcmpUnknown);
     }
+    if quoted_l4 + QUOTED_PORTS_LEN > l3.ip_end() {
+        return Err(Reason::PassIcmpUnknown);
+    }
     let ports: *mut [u16; 2] = ptr_at(ctx, quoted_l4).ok_or(Reason::PassIcmpUnknown)?;
     let [src_port, dst_port] = unsafe { *ports };
     let quoted = Tuple {
@@ -246,11 +259,13 @@ fn error(
     }
     // The quoted transport checksum, when it was quoted.
     if proto == IPPROTO_TCP {
-        if let Some(tcp) = ptr_at::<TcpHdr>(ctx, quoted_l4) {
+        // Up to the checksum field is enough (errors may quote fewer than 20 bytes).
+        if let Some(tcp) = ptr_at::<[u16; TCP_THROUGH_CHECKSUM_WORDS]>(ctx, quoted_l4) {
             let tcp = unsafe { &mut *tcp };
-            let check = csum::apply(tcp.check, quoted_l4_diff);
-            icmp_diff += csum::diff16(tcp.check, check);
-            tcp.check = check;
+            let old = tcp[TCP_CHECKSUM_WORD];
+            let check = csum::apply(old, quoted_l4_diff);
+            icmp_diff += csum::diff16(old, check);
+            tcp[TCP_CHECKSUM_WORD] = check;
         }
     } else if let Some(udp) = ptr_at::<UdpHdr>(ctx, quoted_l4) {
         let udp = unsafe { &mut *udp };

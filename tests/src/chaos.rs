@@ -27,7 +27,7 @@
 
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -109,7 +109,7 @@ usage: lb-chaos [--only kill,cut,restart,reload,ec2,flood,flood-ipip] [--out FIL
        lb-chaos serve --name NAME [--port N]      (the HTTP backend server)
 
   --only   faults to run (default: all, in that order)
-  --out    where to write the results table (default tests/chaos-results.md)
+  --out    where to write the results table (default tests/chaos-results.md, full runs only)
   --lb     the lb binary (default: next to lb-chaos)
   --flood-syns   SYNs of the flood (default 200000, paced at 40000/s)
   --after-flood SECS  how long the run goes on after the flood (default 15)
@@ -134,6 +134,16 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>> {
                 parsed.only = list.split(',').map(str::to_owned).collect();
                 for f in &parsed.only {
                     ensure!(FAULTS.contains(&f.as_str()), "unknown fault {f:?}\n{USAGE}");
+                }
+                // A partial run does not replace the full table (unless --out says where).
+                if parsed.out.as_deref()
+                    == Some(
+                        Path::new(env!("CARGO_MANIFEST_DIR"))
+                            .join("chaos-results.md")
+                            .as_path(),
+                    )
+                {
+                    parsed.out = None;
                 }
             }
             "--out" => parsed.out = Some(args.next().context("--out needs a value")?.into()),
@@ -174,7 +184,7 @@ pub fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("serve") {
         args.next();
-        return match serve_main(args) {
+        return match crate::web::serve_main(args, PORT) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("web server: {e:#}");
@@ -310,87 +320,6 @@ fn table(rows: &[Row], took: Duration) -> String {
         }
     }
     t
-}
-
-// ---- The HTTP server (`lb-chaos serve`) ----
-
-fn serve_main(mut args: impl Iterator<Item = String>) -> Result<()> {
-    let (mut name, mut port) = (None, PORT);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--name" => name = args.next(),
-            "--port" => port = args.next().context("--port needs a value")?.parse()?,
-            other => bail!("unknown argument {other:?}"),
-        }
-    }
-    let name = name.context("--name is required")?;
-    // Die with the parent, even if it is killed.
-    // SAFETY: plain prctl; no pointers.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-        .with_context(|| format!("binding 0.0.0.0:{port}"))?;
-    println!("web server {name} listening on 0.0.0.0:{port}");
-    let name: Arc<str> = name.into();
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                let name = name.clone();
-                std::thread::spawn(move || {
-                    let _ = answer_http(stream, &name);
-                });
-            }
-            Err(e) => {
-                eprintln!("accept: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// HTTP/1.1 with keep-alive: `GET /` names the server, `GET /healthz` is 200; the connection
-/// stays open until the client asks to close it (or closes it).
-fn answer_http(stream: TcpStream, name: &str) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut writer = stream.try_clone()?;
-    let mut reader = BufReader::new(stream);
-    loop {
-        let mut head = Vec::new();
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            if line == "\r\n" || line == "\n" {
-                break;
-            }
-            head.push(line.trim_end().to_owned());
-            if head.len() > 100 {
-                return Ok(());
-            }
-        }
-        let first = head.first().cloned().unwrap_or_default();
-        let mut words = first.split(' ');
-        let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-        let close = head
-            .iter()
-            .any(|h| h.eq_ignore_ascii_case("connection: close"));
-        let (status, body) = match (method, path) {
-            ("GET", "/") => ("200 OK", format!("hello from {name}\n")),
-            ("GET", "/healthz") => ("200 OK", "ok\n".to_owned()),
-            _ => ("404 Not Found", "not found\n".to_owned()),
-        };
-        write!(
-            writer,
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
-            body.len(),
-            if close { "close" } else { "keep-alive" }
-        )?;
-        if close {
-            return writer.shutdown(std::net::Shutdown::Write);
-        }
-    }
 }
 
 // ---- Predicting each connection's backend ----

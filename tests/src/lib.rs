@@ -20,6 +20,7 @@ mod netns;
 mod process;
 mod server;
 mod sys;
+pub mod web;
 
 pub use capture::{Capture, Frame};
 pub use client::{Tally, TcpSession, connect_many, tcp_request, udp_request};

@@ -24,8 +24,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{self, BufRead, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -223,7 +223,7 @@ fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("serve") {
         args.next();
-        return match serve_main(args) {
+        return match lab::web::serve_main(args, PORT) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("web server: {e:#}");
@@ -257,76 +257,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-// ---- The web server (`lb-demo serve`) ----
-
-fn serve_main(mut args: impl Iterator<Item = String>) -> Result<()> {
-    let (mut name, mut port) = (None, PORT);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--name" => name = args.next(),
-            "--port" => port = args.next().context("--port needs a value")?.parse()?,
-            other => bail!("unknown argument {other:?}"),
-        }
-    }
-    let name = name.context("--name is required")?;
-    // Die with the demo, even if it is killed: the parent is the thread that spawned us.
-    // SAFETY: plain prctl; no pointers.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
-        .with_context(|| format!("binding 0.0.0.0:{port}"))?;
-    println!("web server {name} listening on 0.0.0.0:{port}");
-    let name: Arc<str> = name.into();
-    for stream in listener.incoming() {
-        match stream {
-            Ok(stream) => {
-                let name = name.clone();
-                std::thread::spawn(move || {
-                    let _ = answer_http(stream, &name);
-                });
-            }
-            Err(e) => {
-                eprintln!("accept: {e}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// One HTTP/1.1 exchange: `GET /` names the server, `GET /healthz` is 200, then close.
-fn answer_http(mut stream: TcpStream, name: &str) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut request = Vec::new();
-    let mut buf = [0u8; 2048];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf)?;
-        if n == 0 || request.len() > 16 * 1024 {
-            return Ok(());
-        }
-        request.extend_from_slice(&buf[..n]);
-    }
-    let line = request.lines().next().transpose()?.unwrap_or_default();
-    let mut words = line.split(' ');
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (status, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET" | "HEAD", "/") => ("200 OK", format!("hello from {name}\n")),
-        ("GET" | "HEAD", "/healthz") => ("200 OK", "ok\n".to_owned()),
-        ("GET" | "HEAD", _) => ("404 Not Found", "not found\n".to_owned()),
-        _ => ("405 Method Not Allowed", "only GET\n".to_owned()),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nServer: lb-demo {name}\r\nContent-Type: text/plain\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        response.push_str(&body);
-    }
-    stream.write_all(response.as_bytes())?;
-    stream.shutdown(std::net::Shutdown::Write)
 }
 
 // ---- The client ----

@@ -104,7 +104,17 @@ fn forward_to_backend(
         flow_hash(&scratch.flow)
     };
     let selection = conntrack::select(settings, scratch, hash, vip, l4.tcp_flags)?;
-    let result = forward::forward(ctx, settings, &scratch.headers, vip, &selection, hash)?;
+    let result = match forward::forward(ctx, settings, &scratch.headers, vip, &selection, hash) {
+        Ok(result) => result,
+        Err(reason) => {
+            // A flow pinned by a packet that is not sent (too big for the MTU, no route) must
+            // leave no state: its connection entry and NAT port are given back.
+            if selection.new_flow {
+                conntrack::forget(scratch, vip);
+            }
+            return Err(reason);
+        }
+    };
     stats::count_traffic(&VIP_STATS, vip.id, l3.ip_len, selection.new_flow);
     stats::count_traffic(&BACKEND_STATS, selection.id, l3.ip_len, selection.new_flow);
     Ok(result)

@@ -856,12 +856,9 @@ fn check_balancer(
                             && check_nat_reply(t, frame, &ip, tuple, *client, from_lo, action, out)
                                 .is_ok()
                         {
-                            return Err(known(
-                                "dropped-packet-state",
-                                format!(
-                                    "a reply to port {dport} was translated for {client:?}, a \
+                            return Err(format!(
+                                "a reply to port {dport} was translated for {client:?}, a \
                                      flow whose only packet was dropped (MTU)"
-                                ),
                             ));
                         }
                     }
@@ -1591,11 +1588,8 @@ fn check_icmp_error(
             Err(e) => known_kind(&e).is_some(),
         };
         if right && (action != XDP_PASS || out != frame) {
-            return Err(known(
-                "dropped-packet-state",
-                format!(
-                    "an ICMP error about a flow whose only packet was dropped (MTU) was translated to {outer_dst}"
-                ),
+            return Err(format!(
+                "an ICMP error about a flow whose only packet was dropped (MTU) was translated to {outer_dst}"
             ));
         }
     }
@@ -1888,9 +1882,9 @@ fn check_decap_run(t: &Target, frame: &[u8], stats: &mut Stats) -> Result<(u32, 
 ///   quoted ports are bounded by the IP length since this fuzzer found it; IPv4 protocol 58 is
 ///   no longer taken for ICMP, and a 18-19 byte quoted TCP header gets its checksum updated:
 ///   both are now failures like any other.)
-/// - `dropped-packet-state`: a NAT packet dropped because it exceeds the MTU has already
-///   pinned its flow and taken a NAT port (the connection table and port allocation come
-///   before the route lookup): replies and ICMP errors for that flow are then translated.
+///
+/// Fixed since (now failures like any other): a NAT packet dropped for the MTU used to leave
+/// its flow pinned and a NAT port taken, so replies and ICMP errors for it were translated.
 const KNOWN: &str = "known deviation ";
 
 fn known(kind: &str, message: String) -> String {

@@ -18,6 +18,16 @@ use crate::{
     nat,
 };
 
+/// Undoes what `select` pinned for the flow in `scratch` (its connection entry, and in NAT mode
+/// the reverse entry of the port `select` allocated).
+#[inline(always)]
+pub fn forget(scratch: &Scratch, vip: &VipInfo) {
+    let _ = CONNTRACK.remove(&scratch.flow);
+    if vip.mode == ForwardingMode::Nat as u8 {
+        let _ = crate::maps::NAT_REVERSE.remove(&scratch.reverse_key);
+    }
+}
+
 pub struct Selection {
     pub id: u32,
     pub backend: Backend,

@@ -182,15 +182,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>> {
 /// The entry point of `lb-chaos`.
 pub fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
-    if args.peek().map(String::as_str) == Some("serve") {
-        args.next();
-        return match crate::web::serve_main(args, PORT) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("web server: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(code) = crate::web::serve_if_asked(&mut args, PORT) {
+        return code;
     }
     let args = match parse_args(args) {
         Ok(Some(args)) => args,

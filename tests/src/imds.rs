@@ -13,6 +13,7 @@ use std::{
 };
 
 use anyhow::Result;
+use lb_user::ha::Identity;
 
 use crate::netns::{Ns, in_netns};
 
@@ -24,33 +25,25 @@ const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
 /// The MAC the metadata reports (any value: it only keys the interface's entries).
 const MAC: &str = "02:4c:42:00:00:01";
 
-/// The identity one simulated instance reports.
-#[derive(Clone, Debug)]
-pub struct InstanceMetadata {
-    pub instance_id: String,
-    pub interface_id: String,
-    pub private_ip: Ipv4Addr,
-}
-
 /// A running fake; it serves until the test process exits (threads on a namespace socket).
 pub struct FakeImds;
 
 impl FakeImds {
-    /// Serves `metadata` on 127.0.0.1:[`IMDS_PORT`] inside `ns`; returns the endpoint URL
-    /// for `[ha] imds_endpoint`.
-    pub fn start(ns: &Ns, metadata: InstanceMetadata) -> Result<String> {
+    /// Serves the identity `metadata` on 127.0.0.1:[`IMDS_PORT`] inside `ns` (what `lb run`
+    /// reads back from it); returns the endpoint URL for `[ha] imds_endpoint`.
+    pub fn start(ns: &Ns, metadata: &Identity) -> Result<String> {
         let listener = in_netns(ns, || {
             Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, IMDS_PORT))?)
         })?;
         let paths: BTreeMap<String, String> = [
             (
                 "/latest/meta-data/instance-id".to_owned(),
-                metadata.instance_id,
+                metadata.instance_id.clone(),
             ),
             ("/latest/meta-data/mac".to_owned(), MAC.to_owned()),
             (
                 format!("/latest/meta-data/network/interfaces/macs/{MAC}/interface-id"),
-                metadata.interface_id,
+                metadata.interface_id.clone(),
             ),
             (
                 "/latest/meta-data/local-ipv4".to_owned(),

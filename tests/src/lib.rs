@@ -28,7 +28,7 @@ pub use dsr::{
     BACKEND_NAMES, DsrLab, GUE_PORT, SERVICE_PORT, VIP_SUBNET_V4, VIP_SUBNET_V6, VIP_V4, VIP_V6,
     vip_address,
 };
-pub use imds::{FakeImds, IMDS_PORT, InstanceMetadata};
+pub use imds::{FakeImds, IMDS_PORT};
 pub use lab::{BRIDGE, Family, HOST_IFNAME, Host, Lab, MacAddr};
 pub use lb::{
     Balancer, DECAP_READY_LINE, Forwarding, LbConfig, Protocol, READY_LINE, READY_TIMEOUT,

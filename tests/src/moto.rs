@@ -19,6 +19,7 @@ use aws_sdk_ec2::config::{Credentials, Region};
 use aws_sdk_ec2::error::DisplayErrorContext;
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use lb_user::discovery::ec2::Ec2Config;
+use lb_user::ha::Identity;
 
 use crate::netns::{Ns, in_netns};
 use crate::process::ChildGuard;
@@ -317,6 +318,26 @@ impl MotoEc2 {
             .and_then(|i| i.instance_id())
             .context("RunInstances: no instance id")?
             .to_owned())
+    }
+
+    /// Runs a balancer's instance (tagged `lb-cluster = cluster`, plus `tags`) at `private_ip`;
+    /// returns the identity its instance metadata would give.
+    pub async fn run_balancer(
+        &self,
+        subnet: &Subnet,
+        private_ip: Ipv4Addr,
+        cluster: &str,
+        tags: &[(&str, &str)],
+    ) -> Result<Identity> {
+        let mut all = vec![(lb_user::ha::CLUSTER_TAG, cluster)];
+        all.extend_from_slice(tags);
+        let instance_id = self.run_instance(subnet, private_ip, &all).await?;
+        let interface_id = self.interface_of(&instance_id).await?;
+        Ok(Identity {
+            instance_id,
+            interface_id,
+            private_ip,
+        })
     }
 
     /// The primary network interface of an instance.

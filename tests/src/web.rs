@@ -9,8 +9,27 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-/// `serve --name NAME [--port N]`: serves until killed (and dies with its parent).
-pub fn serve_main(mut args: impl Iterator<Item = String>, default_port: u16) -> Result<()> {
+/// When the command line (after the program name) is `serve --name NAME [--port N]`, runs the
+/// server until killed and returns its exit code; `None` leaves `args` to the caller.
+pub fn serve_if_asked(
+    args: &mut std::iter::Peekable<impl Iterator<Item = String>>,
+    default_port: u16,
+) -> Option<std::process::ExitCode> {
+    if args.peek().map(String::as_str) != Some("serve") {
+        return None;
+    }
+    args.next();
+    Some(match serve_main(args, default_port) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("web server: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    })
+}
+
+/// `--name NAME [--port N]`: serves until killed (and dies with its parent).
+fn serve_main(mut args: impl Iterator<Item = String>, default_port: u16) -> Result<()> {
     let (mut name, mut port) = (None, default_port);
     while let Some(arg) = args.next() {
         match arg.as_str() {

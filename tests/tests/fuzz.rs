@@ -1583,11 +1583,7 @@ fn check_icmp_error(
     }
     for (outer_src, outer_dst, new) in candidates {
         // (A translation that is right but for another known deviation counts too.)
-        let right = match verify(outer_src, outer_dst, new) {
-            Ok(_) => true,
-            Err(e) => known_kind(&e).is_some(),
-        };
-        if right && (action != XDP_PASS || out != frame) {
+        if verify(outer_src, outer_dst, new).is_ok() && (action != XDP_PASS || out != frame) {
             return Err(format!(
                 "an ICMP error about a flow whose only packet was dropped (MTU) was translated to {outer_dst}"
             ));
@@ -1766,7 +1762,7 @@ fn run_case(t: &mut Target, frame: &[u8], from_lo: bool, stats: &mut Stats) -> R
         Ok(effect) => effect,
         Err(strict) => {
             let lax = check_balancer(t, frame, from_lo, action, &out, Bound::Frame);
-            match tolerated(&strict, lax) {
+            match tolerated(lax) {
                 Some((kind, effect)) => {
                     stats.tolerate(kind, frame, &strict);
                     effect
@@ -1861,7 +1857,7 @@ fn check_decap_run(t: &Target, frame: &[u8], stats: &mut Stats) -> Result<(u32, 
     }
     if let Err(strict) = check_decap(frame, action, &out, Bound::Packet) {
         let lax = check_decap(frame, action, &out, Bound::Frame).map(|()| Effect::None);
-        match tolerated(&strict, lax) {
+        match tolerated(lax) {
             Some((kind, _)) => stats.tolerate(kind, frame, &strict),
             None => return Err(strict),
         }
@@ -1872,8 +1868,8 @@ fn check_decap_run(t: &Target, frame: &[u8], stats: &mut Stats) -> Result<(u32, 
     Ok((action, out))
 }
 
-/// Known deviations of the program from the oracle, reported to the owner of lb-ebpf and
-/// tolerated (counted, printed) unless `LB_FUZZ_STRICT` is set:
+/// The known deviation of the program from the oracle, tolerated (counted, printed) unless
+/// `LB_FUZZ_STRICT` is set:
 ///
 /// - `beyond-ip-length`: the program bounds some header reads by the end of the frame, not by
 ///   the IP packet's length: a quoted packet's checksum field or a GUE header that lies in
@@ -1885,29 +1881,13 @@ fn check_decap_run(t: &Target, frame: &[u8], stats: &mut Stats) -> Result<(u32, 
 ///
 /// Fixed since (now failures like any other): a NAT packet dropped for the MTU used to leave
 /// its flow pinned and a NAT port taken, so replies and ICMP errors for it were translated.
-const KNOWN: &str = "known deviation ";
-
-fn known(kind: &str, message: String) -> String {
-    format!("{KNOWN}[{kind}]: {message}")
-}
-
-fn known_kind(message: &str) -> Option<String> {
-    let rest = message.strip_prefix(KNOWN)?.strip_prefix('[')?;
-    Some(rest[..rest.find(']')?].to_owned())
-}
-
-/// Whether a strict failure is a tolerated known deviation (and the effect to apply).
-fn tolerated(strict: &str, lax: Result<Effect, String>) -> Option<(String, Effect)> {
+/// Whether a failure under the IP-length bound is the tolerated deviation: the output is
+/// right when read up to the end of the frame (`lax`). Returns its kind and the effect.
+fn tolerated(lax: Result<Effect, String>) -> Option<(String, Effect)> {
     if strict_mode() {
         return None;
     }
-    if let Some(kind) = known_kind(strict) {
-        return Some((kind, Effect::None));
-    }
-    match lax {
-        Ok(effect) => Some(("beyond-ip-length".into(), effect)),
-        Err(e) => known_kind(&e).map(|kind| (kind, Effect::None)),
-    }
+    lax.ok().map(|effect| ("beyond-ip-length".into(), effect))
 }
 
 impl Stats {
@@ -2775,7 +2755,8 @@ fn write_seed_corpus() {
         &tunnels,
     );
 
-    // Minimized cases the fuzzer found (known deviations of lb-ebpf, see `KNOWN`).
+    // Minimized cases the fuzzer found (data-plane bugs since fixed, and the tolerated
+    // deviation, see `tolerated`): replayed every run.
     let found = |name: &str, comment: &str, frames: &[Vec<u8>]| {
         let mut text = format!("# {comment}\n");
         for f in frames {

@@ -20,8 +20,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lab::{
-    Balancer, FakeImds, Forwarding, Host, InstanceMetadata, Lab, LbConfig, MOTO_REGION, MotoServer,
-    Ns, Protocol, Vip, XdpMode, in_netns, relay_into, require_root,
+    Balancer, FakeImds, Forwarding, Host, Lab, LbConfig, MOTO_REGION, MotoServer, Ns, Protocol,
+    Vip, XdpMode, in_netns, relay_into, require_root,
 };
 use lb_user::ha::{Ec2Entry, Entry, HaConfig, Identity, Take};
 
@@ -189,23 +189,10 @@ async fn one_leader_holds_the_elastic_ip_through_failures() -> Result<()> {
             &format!("198.18.0.{n}/24"),
             &format!("fd00:18::{n}/64"),
         )?;
-        let instance_id = moto
-            .run_instance(&subnet, ipv4(&host), &[("lb-cluster", CLUSTER)])
+        let identity = moto
+            .run_balancer(&subnet, ipv4(&host), CLUSTER, &[])
             .await?;
-        let interface_id = moto.interface_of(&instance_id).await?;
-        let identity = Identity {
-            instance_id: instance_id.clone(),
-            interface_id: interface_id.clone(),
-            private_ip: ipv4(&host),
-        };
-        let imds = FakeImds::start(
-            &host.ns,
-            InstanceMetadata {
-                instance_id,
-                interface_id,
-                private_ip: ipv4(&host),
-            },
-        )?;
+        let imds = FakeImds::start(&host.ns, &identity)?;
         relay_into(&host.ns, RELAY_PORT, moto_server.port())?;
         let vip = Vip {
             name: "web".into(),
@@ -346,6 +333,36 @@ async fn one_leader_holds_the_elastic_ip_through_failures() -> Result<()> {
     Ok(())
 }
 
+/// `count` balancer instances at 10.0.1.10, .11, ... of a 10.0.1.0/24 subnet.
+async fn balancer_instances(
+    moto: &lab::MotoEc2,
+    subnet: &lab::Subnet,
+    count: u8,
+) -> Result<Vec<Identity>> {
+    let mut identities = Vec::new();
+    for n in 10..10 + count {
+        let ip = Ipv4Addr::new(10, 0, 1, n);
+        identities.push(moto.run_balancer(subnet, ip, CLUSTER, &[]).await?);
+    }
+    Ok(identities)
+}
+
+/// The `[ha]` of the tests that call the entry point's EC2 operations directly (no election).
+fn direct_config(moto: &MotoServer, entry: Entry, address: Ipv4Addr) -> HaConfig {
+    HaConfig {
+        cluster: CLUSTER.into(),
+        entry,
+        address,
+        region: MOTO_REGION.into(),
+        endpoint_url: Some(moto.endpoint_url()),
+        imds_endpoint: None,
+        peer_port: lb_user::ha::DEFAULT_PEER_PORT,
+        interval: Duration::from_secs(1),
+        failures: 1,
+        stagger: Duration::ZERO,
+    }
+}
+
 /// The lock itself: two standbys that observed the same (dead) holder take over at the same
 /// moment; EC2 lets exactly one of them win, every time.
 #[tokio::test(flavor = "multi_thread")]
@@ -356,33 +373,14 @@ async fn racing_takeovers_have_exactly_one_winner() -> Result<()> {
     let moto = moto_server.ec2();
     let subnet = moto.create_vpc("10.0.0.0/16", "10.0.1.0/24").await?;
     let allocation_id = moto.allocate_address(ELASTIC_IP).await?;
-    let mut identities = Vec::new();
-    for n in 10..13 {
-        let private_ip = Ipv4Addr::new(10, 0, 1, n);
-        let instance_id = moto
-            .run_instance(&subnet, private_ip, &[("lb-cluster", CLUSTER)])
-            .await?;
-        let interface_id = moto.interface_of(&instance_id).await?;
-        identities.push(Identity {
-            instance_id,
-            interface_id,
-            private_ip,
-        });
-    }
-    let config = HaConfig {
-        cluster: CLUSTER.into(),
-        entry: Entry::ElasticIp {
+    let identities = balancer_instances(&moto, &subnet, 3).await?;
+    let config = direct_config(
+        &moto_server,
+        Entry::ElasticIp {
             allocation_id: allocation_id.clone(),
         },
-        address: ELASTIC_IP,
-        region: MOTO_REGION.into(),
-        endpoint_url: Some(moto_server.endpoint_url()),
-        imds_endpoint: None,
-        peer_port: lb_user::ha::DEFAULT_PEER_PORT,
-        interval: Duration::from_secs(1),
-        failures: 1,
-        stagger: Duration::ZERO,
-    };
+        ELASTIC_IP,
+    );
     let entry = |_| Ec2Entry::with_loader(config.clone(), moto_server.sdk_loader());
     let (a, b) = (entry(0).await?, entry(1).await?);
     let [old, first, second] = &identities[..] else {
@@ -426,19 +424,7 @@ async fn secondary_ip_and_route_entries_move_between_balancers() -> Result<()> {
     let moto_server = MotoServer::start()?;
     let moto = moto_server.ec2();
     let subnet = moto.create_vpc("10.0.0.0/16", "10.0.1.0/24").await?;
-    let mut identities = Vec::new();
-    for n in [10, 11] {
-        let private_ip = Ipv4Addr::new(10, 0, 1, n);
-        let instance_id = moto
-            .run_instance(&subnet, private_ip, &[("lb-cluster", CLUSTER)])
-            .await?;
-        let interface_id = moto.interface_of(&instance_id).await?;
-        identities.push(Identity {
-            instance_id,
-            interface_id,
-            private_ip,
-        });
-    }
+    let identities = balancer_instances(&moto, &subnet, 2).await?;
     let table = moto
         .client()
         .create_route_table()
@@ -456,18 +442,7 @@ async fn secondary_ip_and_route_entries_move_between_balancers() -> Result<()> {
         },
     ] {
         let name = entry.name();
-        let config = HaConfig {
-            cluster: CLUSTER.into(),
-            entry,
-            address: Ipv4Addr::new(10, 0, 1, 100),
-            region: MOTO_REGION.into(),
-            endpoint_url: Some(moto_server.endpoint_url()),
-            imds_endpoint: None,
-            peer_port: lb_user::ha::DEFAULT_PEER_PORT,
-            interval: Duration::from_secs(1),
-            failures: 1,
-            stagger: Duration::ZERO,
-        };
+        let config = direct_config(&moto_server, entry, Ipv4Addr::new(10, 0, 1, 100));
         let ec2 = Ec2Entry::with_loader(config, moto_server.sdk_loader()).await?;
         ec2.validate().await?;
         let members = ec2.members().await?;

@@ -76,11 +76,11 @@ pub fn select(
         let closed = flow.flags & FLOW_CLOSING != 0;
         // A half-open NAT flow past its timeout may have lost its port to another flow: it is
         // re-pinned (a new port) rather than sent with the port it had.
-        let half_open_expired = key.proto == IPPROTO_TCP
-            && nat::half_open(flow.flags)
-            && idle > TCP_HALF_OPEN_TIMEOUT_NS;
         let reselect = if nat {
-            (closed && (is_syn || idle > TCP_CLOSING_TIMEOUT_NS)) || half_open_expired
+            (closed && (is_syn || idle > TCP_CLOSING_TIMEOUT_NS))
+                || (key.proto == IPPROTO_TCP
+                    && nat::half_open(flow.flags)
+                    && idle > TCP_HALF_OPEN_TIMEOUT_NS)
         } else {
             is_syn
         };

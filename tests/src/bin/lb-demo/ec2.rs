@@ -19,9 +19,7 @@
 //! reads the Elastic IP's association from moto and points the client's DNAT at it, as AWS
 //! translates the Elastic IP to the associated private address. Nothing else is simulated.
 
-use lab::{
-    Balancer, FakeImds, InstanceMetadata, MOTO_REGION, MotoEc2, MotoServer, Subnet, relay_into,
-};
+use lab::{Balancer, FakeImds, MOTO_REGION, MotoEc2, MotoServer, Subnet, relay_into};
 
 use super::*;
 
@@ -134,28 +132,21 @@ impl Ec2Demo {
             std::env::set_var("AWS_SECRET_ACCESS_KEY", "demo");
         }
         for (i, host) in demo.balancers.iter().enumerate() {
-            let instance_id = demo.runtime.block_on(demo.ec2.run_instance(
+            let identity = demo.runtime.block_on(demo.ec2.run_balancer(
                 &demo.subnet,
                 host.ipv4,
-                &[("lb-cluster", CLUSTER), ("Name", BALANCERS[i])],
+                CLUSTER,
+                &[("Name", BALANCERS[i])],
             ))?;
-            let interface_id = demo.runtime.block_on(demo.ec2.interface_of(&instance_id))?;
             println!(
-                "    {} is instance {instance_id} ({interface_id}, {})",
-                BALANCERS[i], host.ipv4
+                "    {} is instance {} ({}, {})",
+                BALANCERS[i], identity.instance_id, identity.interface_id, host.ipv4
             );
-            let imds = FakeImds::start(
-                &host.ns,
-                InstanceMetadata {
-                    instance_id,
-                    interface_id: interface_id.clone(),
-                    private_ip: host.ipv4,
-                },
-            )?;
+            let imds = FakeImds::start(&host.ns, &identity)?;
             relay_into(&host.ns, RELAY_PORT, demo._moto.port())?;
             host.ns
                 .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=32768 39999"])?;
-            demo.interfaces.push(interface_id);
+            demo.interfaces.push(identity.interface_id);
             demo.configs.push(demo.config(host, &imds));
         }
         interrupted_check()?;

@@ -221,15 +221,8 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>> {
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1).peekable();
-    if args.peek().map(String::as_str) == Some("serve") {
-        args.next();
-        return match lab::web::serve_main(args, PORT) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("web server: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
+    if let Some(code) = lab::web::serve_if_asked(&mut args, PORT) {
+        return code;
     }
     let args = match parse_args(args) {
         Ok(Some(args)) => args,

@@ -82,6 +82,10 @@ fn tunnel_of(ctx: &XdpContext, outer: &L3) -> Option<Tunnel> {
         }),
         IPPROTO_UDP => {
             let gue_port = DECAP_SETTINGS.get(0)?.gue_port;
+            // Inside the IP packet as its length says, not in trailing bytes.
+            if outer.l4_off() + UDP_HLEN > outer.ip_end() {
+                return None;
+            }
             let udp: *const UdpHdr = ptr_at(ctx, outer.l4_off())?;
             if gue_port == 0 || unsafe { (*udp).dest } != gue_port {
                 return None;

@@ -1,6 +1,6 @@
 //! Bounds-checked access to packet bytes and the parse of the headers every program needs.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 use core::mem::size_of;
 use lb_common::{Addr, FAMILY_V4, FAMILY_V6, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
@@ -152,6 +152,19 @@ impl L3 {
         };
         self.l4_off() - header + self.ip_len
     }
+}
+
+/// Cuts the frame at the end of the IP packet, as the kernel does before it forwards one:
+/// bytes after it are link padding or garbage, and once they are gone no later header read
+/// (bounded by the frame's end) can take them as real. Packet pointers taken before this call
+/// are invalid after it.
+#[inline(always)]
+pub fn trim_to_ip_end(ctx: &XdpContext, l3: &L3) -> Result<(), Reason> {
+    let excess = (ctx.data_end() - ctx.data()) as isize - l3.ip_end() as isize;
+    if excess > 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(excess as i32)) } != 0 {
+        return Err(Reason::DropInternal);
+    }
+    Ok(())
 }
 
 /// Ports (network order) and TCP flags of a TCP or UDP header at `l3.l4_off()`.

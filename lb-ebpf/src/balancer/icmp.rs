@@ -11,7 +11,7 @@ use lb_common::{
 use lb_ebpf::{
     csum,
     headers::*,
-    packet::{L2, L3, parse_l2, parse_l3, ptr_at},
+    packet::{L2, L3, parse_l2, parse_l3, ptr_at, trim_to_ip_end},
 };
 
 use crate::{
@@ -44,7 +44,7 @@ fn answer(ctx: &XdpContext, settings: &Settings) -> Result<(u32, Reason), Reason
         (true, ICMP_ECHO) | (false, ICMPV6_ECHO_REQUEST) => echo(ctx, l2, l3, icmp),
         (true, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED)
         | (false, ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED) => {
-            error(ctx, settings, l2, l3, icmp)
+            error(ctx, settings, l2, l3)
         }
         _ => Err(Reason::PassNotTcpUdp),
     }
@@ -195,7 +195,6 @@ fn error(
     settings: &Settings,
     l2: &L2,
     l3: &L3,
-    icmp: *mut IcmpHdr,
 ) -> Result<(u32, Reason), Reason> {
     let v4 = l3.family == FAMILY_V4;
     let words = if v4 { 1 } else { 4 };
@@ -215,6 +214,9 @@ fn error(
     } else {
         let ip: *const Ipv6Hdr = ptr_at(ctx, quoted_off).ok_or(Reason::PassIcmpUnknown)?;
         let ip = unsafe { &*ip };
+        if u32::from_be(ip.version_tc_flow) >> 28 != 6 {
+            return Err(Reason::PassIcmpUnknown);
+        }
         ((ip.saddr, ip.daddr), ip.next_header, quoted_off + IPV6_HLEN)
     };
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
@@ -235,6 +237,9 @@ fn error(
         .or_else(|| from_client_side(&quoted, proto, l3.family))
         .ok_or(Reason::PassIcmpUnknown)?;
     let new = &translation.quoted;
+    // From here on every read is bounded by the frame's end, so that must be the IP end: a
+    // quoted checksum field in trailing bytes is not part of the message.
+    trim_to_ip_end(ctx, l3)?;
 
     // Every word changed inside the ICMP message changes the ICMP checksum.
     let quoted_addr_diff = csum::diff_addr(&quoted.src, &new.src, words)
@@ -297,6 +302,7 @@ fn error(
         // ICMPv6 checksums cover the pseudo-header.
         icmp_diff += outer_diff;
     }
+    let icmp: *mut IcmpHdr = ptr_at(ctx, l3.l4_off()).ok_or(Reason::DropInternal)?;
     let icmp = unsafe { &mut *icmp };
     icmp.check = csum::apply(icmp.check, icmp_diff);
 

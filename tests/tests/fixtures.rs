@@ -1164,6 +1164,15 @@ fn icmp_errors_about_nat_flows_are_translated_in_both_directions() {
                 hex(&expected),
                 "{name}: translated for the client"
             );
+            // With link padding after the IP packet: translated the same, the padding cut (as
+            // the kernel trims a packet to its IP length before forwarding it).
+            let mut padded = from_backend.clone();
+            padded.extend_from_slice(&[0; 6]);
+            assert_eq!(
+                fx.run(&padded),
+                (XDP_TX, expected.clone()),
+                "{name}: padded error from the backend side"
+            );
 
             // The same from the client side about a reply: the backend must get it about the
             // reply it sent, from the SNAT address.
@@ -1194,7 +1203,7 @@ fn icmp_errors_about_nat_flows_are_translated_in_both_directions() {
                 "{name}: translated for the backend"
             );
         }
-        assert_eq!(fx.reason(Reason::IcmpErrorTranslated), 4);
+        assert_eq!(fx.reason(Reason::IcmpErrorTranslated), 6);
         // An error about a flow nobody knows passes to the host untouched.
         let unknown = icmp_error(
             CLIENT_MAC,

@@ -1,10 +1,7 @@
 //! The only user of aya: loads the embedded XDP objects, attaches them, and gives typed
 //! access to their maps.
 
-use std::{
-    fmt::Write as _,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
@@ -496,10 +493,31 @@ impl Floor {
     }
 }
 
+/// What `lb inspect` (and `cargo xtask build-ebpf`) reports of one embedded object.
+#[derive(Debug, serde::Serialize)]
+pub struct ObjectReport {
+    pub object: &'static str,
+    pub elf_bytes: usize,
+    pub program: &'static str,
+    /// As the kernel's verifier counted them (None when the kernel does not say).
+    pub verified_instructions: Option<u32>,
+    pub translated_bytes: Option<u32>,
+    pub maps: Vec<MapReport>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct MapReport {
+    pub name: String,
+    pub kind: String,
+    pub key_bytes: u32,
+    pub value_bytes: u32,
+    pub max_entries: u32,
+}
+
 /// Loads both objects and describes their programs (with the verifier's instruction counts)
-/// and maps: what `lb inspect` and `cargo xtask build-ebpf` print.
-pub fn inspect() -> Result<String> {
-    let mut report = String::new();
+/// and maps.
+pub fn inspect() -> Result<Vec<ObjectReport>> {
+    let mut reports = Vec::new();
     for (object, program, bytes) in [
         ("lb-balancer", BALANCER_PROGRAM, BALANCER_OBJECT),
         ("lb-decap", DECAP_PROGRAM, DECAP_OBJECT),
@@ -507,17 +525,8 @@ pub fn inspect() -> Result<String> {
         let mut ebpf = Ebpf::load(bytes).with_context(|| format!("cannot load {object}"))?;
         load_xdp(&mut ebpf, program)?;
         let info = xdp(&mut ebpf, program)?.info()?;
-        writeln!(report, "{object} ({} bytes of ELF)", bytes.len())?;
-        writeln!(
-            report,
-            "  program {program}: xdp, {} instructions verified, {} bytes translated",
-            info.verified_instruction_count()
-                .map_or("?".into(), |n| n.to_string()),
-            info.size_translated().map_or("?".into(), |n| n.to_string()),
-        )?;
-        let mut maps: Vec<_> = ebpf.maps().collect();
-        maps.sort_by_key(|(name, _)| name.to_string());
-        for (name, map) in maps {
+        let mut maps = Vec::new();
+        for (name, map) in ebpf.maps() {
             let info = match map {
                 aya::maps::Map::Array(data)
                 | aya::maps::Map::HashMap(data)
@@ -525,15 +534,45 @@ pub fn inspect() -> Result<String> {
                 | aya::maps::Map::PerCpuArray(data) => data.info()?,
                 other => return Err(anyhow!("map {name} has an unexpected type {other:?}")),
             };
+            maps.push(MapReport {
+                name: name.to_string(),
+                kind: format!("{:?}", info.map_type()?),
+                key_bytes: info.key_size(),
+                value_bytes: info.value_size(),
+                max_entries: info.max_entries(),
+            });
+        }
+        maps.sort_by(|a, b| a.name.cmp(&b.name));
+        reports.push(ObjectReport {
+            object,
+            elf_bytes: bytes.len(),
+            program,
+            verified_instructions: info.verified_instruction_count(),
+            translated_bytes: info.size_translated(),
+            maps,
+        });
+    }
+    Ok(reports)
+}
+
+impl std::fmt::Display for ObjectReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let or_unknown = |n: Option<u32>| n.map_or("?".into(), |n| n.to_string());
+        writeln!(f, "{} ({} bytes of ELF)", self.object, self.elf_bytes)?;
+        writeln!(
+            f,
+            "  program {}: xdp, {} instructions verified, {} bytes translated",
+            self.program,
+            or_unknown(self.verified_instructions),
+            or_unknown(self.translated_bytes),
+        )?;
+        for map in &self.maps {
             writeln!(
-                report,
-                "  map {name:<14} {:<14} key {:>3} B  value {:>6} B  max_entries {}",
-                format!("{:?}", info.map_type()?),
-                info.key_size(),
-                info.value_size(),
-                info.max_entries()
+                f,
+                "  map {:<14} {:<14} key {:>3} B  value {:>6} B  max_entries {}",
+                map.name, map.kind, map.key_bytes, map.value_bytes, map.max_entries
             )?;
         }
+        Ok(())
     }
-    Ok(report)
 }

@@ -101,8 +101,12 @@ enum Command {
     },
     /// Load the embedded XDP programs and print their verified instruction counts and maps
     ///
-    /// Example: sudo lb inspect
-    Inspect,
+    /// Example: sudo lb inspect --json
+    Inspect {
+        /// Print the report as pretty JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     ///
     /// Example: lb completions bash > /usr/share/bash-completion/completions/lb
@@ -144,7 +148,14 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. } | Command::Backend { .. }) {
+        // A one-shot command piped into `head` ends quietly when the pipe closes, as Unix
+        // tools do (Rust ignores SIGPIPE, so a closed stdout would panic the print).
+        // SAFETY: no other thread runs yet; resetting a signal to its default is harmless.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    let result = match cli.command {
         Command::Run { config } => lb_user::run::run(&config).await,
         Command::Check { config, json: true } => check_json(&config),
         Command::Check { config, json: false } => config::load(&config)
@@ -186,7 +197,7 @@ async fn main() -> ExitCode {
             json,
             watch,
         } => status(admin, token, json, watch),
-        Command::Inspect => dataplane::inspect().map(|report| print!("{report}")),
+        Command::Inspect { json } => inspect(json),
         Command::Completions { shell } => {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "lb", &mut script);
@@ -257,6 +268,16 @@ fn man_pages(out_dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// `lb status`: blocking on purpose (one small GET at a time; nothing else runs).
+fn inspect(json: bool) -> anyhow::Result<()> {
+    let reports = dataplane::inspect()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        reports.iter().for_each(|report| print!("{report}"));
+    }
+    Ok(())
+}
+
 fn status(
     admin: SocketAddr,
     token: Option<String>,

@@ -1250,3 +1250,36 @@ fn two_balancers_with_the_same_backends_send_every_flow_to_the_same_backend() {
         Ok(())
     });
 }
+
+#[test]
+fn lb_inspect_reports_both_programs_as_json() {
+    require_root();
+    let output = std::process::Command::new(lab::lb_binary())
+        .args(["inspect", "--json"])
+        .output()
+        .expect("run lb inspect");
+    assert!(output.status.success(), "lb inspect --json: {output:?}");
+    let reports: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    let objects: Vec<&str> = reports
+        .as_array()
+        .expect("a list of objects")
+        .iter()
+        .map(|o| o["object"].as_str().unwrap())
+        .collect();
+    assert_eq!(objects, ["lb-balancer", "lb-decap"]);
+    for object in reports.as_array().unwrap() {
+        let verified = object["verified_instructions"].as_u64().unwrap_or(0);
+        assert!(verified > 0, "{object}: no verified instruction count");
+    }
+    let conntrack = reports[0]["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "CONNTRACK")
+        .expect("the connection table");
+    assert_eq!(conntrack["kind"], "LruHash");
+    assert_eq!(
+        conntrack["key_bytes"].as_u64(),
+        Some(std::mem::size_of::<FlowKey>() as u64)
+    );
+}

@@ -69,8 +69,10 @@ const BACKENDS: [u8; 3] = [2, 3, 4];
 /// anything else has no route at all.
 const NEIGHBOUR_CLIENTS: u8 = 40;
 /// A balancer epoch (fresh maps) lasts at most this long: shorter than every flow timeout
-/// (closing TCP 10 s, UDP 30 s), so the oracle never has to model expiry.
-const EPOCH: Duration = Duration::from_secs(8);
+/// (half-open NAT TCP 3 s, closing TCP 10 s, UDP 30 s), so the oracle never has to model
+/// expiry.
+const EPOCH: Duration = Duration::from_secs(2);
+const _: () = assert!(EPOCH.as_nanos() < lb_common::TCP_HALF_OPEN_TIMEOUT_NS as u128);
 const EPOCH_CASES: usize = 4000;
 
 fn backend_mac(last: u8) -> [u8; 6] {
@@ -574,6 +576,19 @@ struct NatFlow {
     closing: bool,
 }
 
+impl NatFlow {
+    /// The backend's reply, as the reverse map is keyed.
+    fn reply(&self) -> Tuple {
+        Tuple {
+            src: self.backend,
+            sport: NAT_BACKEND_PORT,
+            dst: snat(self.client.src.is_ipv6()),
+            dport: self.port,
+            proto: self.client.proto,
+        }
+    }
+}
+
 struct Target {
     balancer: Balancer,
     decap: Decap,
@@ -728,6 +743,27 @@ impl Target {
 
     fn is_vip_address(&self, a: IpAddr) -> bool {
         self.services.iter().any(|s| s.address == a)
+    }
+
+    /// The NAT port the program's search takes for a new flow of `client` to `backend`: the
+    /// first of `NAT_PORT_PROBES` from a hash-chosen start that is free or already the
+    /// client's (no entry expires within an epoch).
+    fn port_search(&self, client: &Tuple, backend: IpAddr) -> Option<u16> {
+        let (lo, hi) = self.snat_range();
+        let range = u32::from(hi - lo) + 1;
+        let start = lb_common::flow_hash(&client.key()) % range;
+        (0..lb_common::NAT_PORT_PROBES)
+            .map(|probe| lo + ((start + probe) % range) as u16)
+            .find(|&port| {
+                let reply = NatFlow {
+                    client: *client,
+                    backend,
+                    port,
+                    closing: false,
+                }
+                .reply();
+                self.nat_reverse.get(&reply).is_none_or(|c| c == client)
+            })
     }
 
     fn snat_range(&self) -> (u16, u16) {
@@ -1221,11 +1257,13 @@ fn check_nat_forward(
         client,
         backend: predicted,
         port,
+        // FIN/RST marks a pinned flow closing; a packet that (re-)pins a flow starts it
+        // fresh (a RST-first flood is reclaimed as half-open, in 3 s, not as closing, 10 s).
         closing: t
             .nat_flows
             .get(&client)
-            .is_some_and(|f| f.closing && !is_syn)
-            || flags & (FIN | RST) != 0,
+            .filter(|f| !(f.closing && is_syn))
+            .is_some_and(|f| f.closing || flags & (FIN | RST) != 0),
     }))
 }
 
@@ -1742,21 +1780,21 @@ fn run_case(t: &mut Target, frame: &[u8], from_lo: bool, stats: &mut Stats) -> R
     match effect {
         Effect::None => {}
         Effect::NatForward(flow) => {
-            let reply = Tuple {
-                src: flow.backend,
-                sport: NAT_BACKEND_PORT,
-                dst: snat(flow.client.src.is_ipv6()),
-                dport: flow.port,
-                proto: flow.client.proto,
-            };
-            t.nat_reverse.insert(reply, flow.client);
+            t.nat_reverse.insert(flow.reply(), flow.client);
             t.phantoms.remove(&flow.client);
             t.nat_flows.insert(flow.client, flow);
             keep(&mut t.nat_outputs, out.clone());
         }
         Effect::Reply => keep(&mut t.reply_outputs, out.clone()),
         Effect::Phantom(client, backend) => {
-            t.nat_flows.remove(&client);
+            // A SYN that re-pinned a closing flow: when the new port is the flow's old one,
+            // the old reverse entry was overwritten and then given back with it; otherwise it
+            // stays, closing, until it expires.
+            if let Some(old) = t.nat_flows.remove(&client) {
+                if t.port_search(&client, backend) == Some(old.port) {
+                    t.nat_reverse.remove(&old.reply());
+                }
+            }
             t.phantoms.insert(client, backend);
         }
     }
@@ -2739,6 +2777,39 @@ fn write_seed_corpus() {
         reply[6..12].copy_from_slice(&mac_of(b));
         dropped.push(reply);
     }
+    // A NAT flow reset by its client, then a new SYN on its 5-tuple too big for the MTU: the
+    // re-pinned flow takes its old port back and gives it up with the drop, so replies and
+    // errors about that port are no longer translated. (An oracle bug, found by a long run.)
+    let (client, vip): (IpAddr, IpAddr) =
+        ("192.0.2.21".parse().unwrap(), "10.0.0.20".parse().unwrap());
+    let key = Tuple {
+        src: client,
+        sport: 32343,
+        dst: vip,
+        dport: 80,
+        proto: 6,
+    }
+    .key();
+    let port = 40000 + (lb_common::flow_hash(&key) % 20000) as u16;
+    let mut resyn = vec![
+        frame_to(client, vip, 6, 32343, 80, SYN, &[]),
+        frame_to(client, vip, 6, 32343, 80, RST | ACK, &[]),
+        frame_to(client, vip, 6, 32343, 80, SYN, &[0x55; 1480]),
+    ];
+    for last in BACKENDS {
+        let b = backend(false, last);
+        let mut reply = frame_to(b, snat(false), 6, NAT_BACKEND_PORT, port, ACK, b"answer");
+        reply[6..12].copy_from_slice(&mac_of(b));
+        resyn.push(reply);
+        let nated = ip_packet(snat(false), b, 6, tcp(port, NAT_BACKEND_PORT, SYN, &[]), 0);
+        resyn.push(icmp_error(b, snat(false), 3, &nated[..28]));
+    }
+    found(
+        "closed-flow-resyn-dropped",
+        "a reset NAT flow, a SYN on its 5-tuple dropped for the MTU, then replies and ICMP \
+         errors about its old port: the oracle still expected them translated",
+        &resyn,
+    );
     found(
         "dropped-packet-state",
         "a 1508-byte UDP packet to a NAT VIP (dropped: above the MTU), then replies from each \

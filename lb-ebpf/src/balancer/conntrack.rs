@@ -134,6 +134,8 @@ pub fn select(
     let flow = Flow {
         backend: id,
         snat_port,
+        // Fresh, even when the first packet is a FIN/RST: a NAT flow the client never saw
+        // through is half-open and gives its port back after 3 s idle (closing would be 10 s).
         flags: 0,
         _pad: 0,
         last_seen_ns: now,

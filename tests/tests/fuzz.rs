@@ -2490,6 +2490,12 @@ fn random_and_mutated_frames_keep_every_invariant() {
             let from_lo = rng.chance(10);
             // The state the frame may depend on, for a reproduction: the NAT flow it uses.
             if let Err(message) = run_case(t, &frame, from_lo, &mut stats) {
+                // Said before the (slow) minimization, so a run cut short still names it.
+                eprintln!(
+                    "seed {seed:#x}, case {}: {message}\n  frame {}\n  minimizing...",
+                    stats.cases,
+                    hex(&frame)
+                );
                 let setup = nat_setup(t, &frame);
                 let failure = Failure {
                     setup,

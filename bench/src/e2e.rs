@@ -440,7 +440,7 @@ impl Running {
                 eprintln!("{}", guard.log_tail());
             }
             let status = guard.stop(libc::SIGTERM, Duration::from_secs(10))?;
-            if !status.success() && !status.code().is_none() {
+            if !status.success() && status.code().is_some() {
                 eprintln!(
                     "  note: a process of the setup exited with {status}:\n{}",
                     guard.log_tail()

@@ -36,7 +36,7 @@ use crate::testrun::{Prog, pin_to_cpu};
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
-pub const NIC: &str = "fx0";
+pub const NIC: &str = lab::FIXTURE_NIC;
 const NIC_MAC: Mac = [0x02, 0, 0, 0, 0x1b, 0x01];
 const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0xc1, 0x01];
 const GW_MAC: Mac = [0x02, 0, 0, 0, 0xbe, 0xfe];
@@ -57,13 +57,6 @@ fn mac_of(address: IpAddr) -> Mac {
         IpAddr::V4(v4) => v4.octets()[3],
         IpAddr::V6(v6) => v6.octets()[15],
     })
-}
-
-fn mac_string(mac: Mac) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// How long and how often the per-packet runs go.
@@ -108,44 +101,21 @@ impl Plan {
 /// on), addresses, static neighbours for the backends and a gateway, routes to the client
 /// ranges through that gateway, forwarding on. Nothing leaves it: test runs transmit nothing.
 pub fn prepare_namespace(ns: &lab::Ns) -> Result<()> {
-    let ip = |args: &[&str]| ns.run(&[&["ip"], args].concat()).map(drop);
-    ip(&["link", "add", NIC, "type", "veth", "peer", "name", "fx1"])?;
-    ip(&["link", "set", NIC, "address", &mac_string(NIC_MAC)])?;
-    for link in ["lo", NIC, "fx1"] {
-        ip(&["link", "set", link, "up"])?;
-    }
-    ip(&["addr", "add", "10.1.0.1/24", "dev", NIC])?;
-    ip(&["-6", "addr", "add", "fd00:1::1/64", "dev", NIC, "nodad"])?;
-    let neigh = |addr: &str, mac: Mac| {
-        ip(&[
-            "neigh",
-            "replace",
-            addr,
-            "lladdr",
-            &mac_string(mac),
-            "dev",
-            NIC,
-            "nud",
-            "permanent",
-        ])
-    };
+    let mut neighbours = vec![
+        ("10.1.0.254".parse()?, GW_MAC),
+        ("fd00:1::fe".parse()?, GW_MAC),
+    ];
     for last in BACKENDS {
-        neigh(&format!("10.1.0.{last}"), backend_mac(last))?;
-        neigh(&format!("fd00:1::{last:x}"), backend_mac(last))?;
+        neighbours.push((format!("10.1.0.{last}").parse()?, backend_mac(last)));
+        neighbours.push((format!("fd00:1::{last:x}").parse()?, backend_mac(last)));
     }
-    neigh("10.1.0.254", GW_MAC)?;
-    neigh("fd00:1::fe", GW_MAC)?;
-    ip(&["route", "add", "100.64.0.0/10", "via", "10.1.0.254"])?;
-    // Control-plane backends (see control.rs).
-    ip(&["route", "add", "10.3.0.0/16", "via", "10.1.0.254"])?;
-    ip(&["-6", "route", "add", "2001:db8::/32", "via", "fd00:1::fe"])?;
-    ns.run(&[
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-        "net.ipv6.conf.all.forwarding=1",
-    ])?;
-    Ok(())
+    let routes: [&[&str]; 3] = [
+        &["route", "add", "100.64.0.0/10", "via", "10.1.0.254"],
+        // Control-plane backends (see control.rs).
+        &["route", "add", "10.3.0.0/16", "via", "10.1.0.254"],
+        &["-6", "route", "add", "2001:db8::/32", "via", "fd00:1::fe"],
+    ];
+    lab::prepare_fixture_nic(ns, NIC_MAC, &routes, &neighbours)
 }
 
 /// One service of the benchmark's configuration.

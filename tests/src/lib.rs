@@ -11,6 +11,7 @@ mod capture;
 pub mod chaos;
 mod client;
 mod dsr;
+mod fixture;
 mod imds;
 mod lab;
 mod lb;
@@ -28,6 +29,7 @@ pub use dsr::{
     BACKEND_NAMES, DsrLab, GUE_PORT, SERVICE_PORT, VIP_SUBNET_V4, VIP_SUBNET_V6, VIP_V4, VIP_V6,
     vip_address,
 };
+pub use fixture::{FIXTURE_NIC, prepare_fixture_nic};
 pub use imds::{FakeImds, IMDS_PORT};
 pub use lab::{BRIDGE, Family, HOST_IFNAME, Host, Lab, MacAddr};
 pub use lb::{

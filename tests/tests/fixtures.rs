@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::Result;
-use lab::{Lab, Ns, in_netns, require_root};
+use lab::{Lab, Ns, in_netns, prepare_fixture_nic, require_root};
 use lb_common::{FlowKey, Reason};
 use lb_user::{
     config,
@@ -29,7 +29,7 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
-const NIC: &str = "fx0";
+const NIC: &str = lab::FIXTURE_NIC;
 /// NAT VIPs listen on their service port; their backends on this one.
 const NAT_BACKEND_PORT: u16 = 8080;
 const CLIENT4: &str = "192.0.2.1";
@@ -197,57 +197,23 @@ struct Fixture {
 }
 
 fn prepare_namespace(ns: &Ns) -> Result<()> {
-    let ip = |args: &[&str]| ns.run(&[&["ip"], args].concat()).map(drop);
-    // A static neighbour entry, so bpf_fib_lookup resolves `address` to `mac`.
-    let neighbour = |address: &str, mac: [u8; 6]| {
-        let family = if address.contains(':') { "-6" } else { "-4" };
-        let mac = mac_string(mac);
-        ip(&[
-            family,
-            "neigh",
-            "replace",
-            address,
-            "lladdr",
-            &mac,
-            "dev",
-            NIC,
-            "nud",
-            "permanent",
-        ])
-    };
-    ip(&["link", "add", NIC, "type", "veth", "peer", "name", "fx1"])?;
-    ip(&["link", "set", NIC, "address", &mac_string(BALANCER_MAC)])?;
-    for link in ["lo", NIC, "fx1"] {
-        ip(&["link", "set", link, "up"])?;
-    }
-    ip(&["addr", "add", "10.1.0.1/24", "dev", NIC])?;
-    ip(&["-6", "addr", "add", "fd00:1::1/64", "dev", NIC, "nodad"])?;
-    // The clients, reached through the NIC too (NAT replies and ICMP go back to them).
-    ip(&["route", "add", "192.0.2.0/24", "dev", NIC])?;
-    ip(&["-6", "route", "add", "2001:db8::/64", "dev", NIC])?;
-    neighbour(CLIENT4, CLIENT_MAC)?;
-    neighbour(CLIENT6, CLIENT_MAC)?;
+    let mut neighbours = vec![
+        (CLIENT4.parse()?, CLIENT_MAC),
+        (CLIENT6.parse()?, CLIENT_MAC),
+        // An off-link backend's gateway: reachable only through it, so not valid for l2 mode.
+        ("10.1.0.254".parse()?, backend_mac(254)),
+    ];
     for last in KNOWN_BACKENDS {
-        neighbour(&v4_backend(last), backend_mac(last))?;
-        neighbour(&v6_backend(last), backend_mac(last))?;
+        neighbours.push((v4_backend(last).parse()?, backend_mac(last)));
+        neighbours.push((v6_backend(last).parse()?, backend_mac(last)));
     }
-    // An off-link backend: reachable only through a gateway, so not valid for l2 mode.
-    neighbour("10.1.0.254", backend_mac(254))?;
-    ip(&["route", "add", "10.2.0.0/24", "via", "10.1.0.254"])?;
-    ns.run(&[
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-        "net.ipv6.conf.all.forwarding=1",
-    ])?;
-    Ok(())
-}
-
-fn mac_string(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    let routes: [&[&str]; 3] = [
+        // The clients, reached through the NIC too (NAT replies and ICMP go back to them).
+        &["route", "add", "192.0.2.0/24", "dev", NIC],
+        &["-6", "route", "add", "2001:db8::/64", "dev", NIC],
+        &["route", "add", "10.2.0.0/24", "via", "10.1.0.254"],
+    ];
+    prepare_fixture_nic(ns, BALANCER_MAC, &routes, &neighbours)
 }
 
 fn ifindex(name: &str) -> Result<u32> {
@@ -799,7 +765,7 @@ fn a_changed_neighbour_is_followed_within_the_next_hop_cache_lifetime() {
         let new_mac = [0x02, 0xee, 0, 0, 0, 0x42];
         let status = std::process::Command::new("ip")
             .args(["-4", "neigh", "replace", &backend.to_string(), "lladdr"])
-            .arg(mac_string(new_mac))
+            .arg(lab::MacAddr(new_mac).to_string())
             .args(["dev", NIC, "nud", "permanent"])
             .status()?;
         assert!(status.success(), "ip neigh replace");

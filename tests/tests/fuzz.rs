@@ -41,7 +41,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use lab::{Lab, Ns, in_netns, require_root};
+use lab::{Lab, Ns, in_netns, prepare_fixture_nic, require_root};
 use lb_common::{DecapReason, FlowKey, Reason, Settings};
 use lb_user::{
     config,
@@ -54,7 +54,7 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
-const NIC: &str = "fx0";
+const NIC: &str = lab::FIXTURE_NIC;
 const BALANCER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x1b, 0x01];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xc1, 0x01];
 const NAT_BACKEND_PORT: u16 = 8080;
@@ -612,46 +612,21 @@ struct Target {
 }
 
 fn prepare_namespace(ns: &Ns) -> Result<()> {
-    let ip = |args: &[&str]| ns.run(&[&["ip"], args].concat()).map(drop);
-    let mut batch = String::new();
-    let mut neighbour = |address: String, mac: [u8; 6]| {
-        let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
-        let _ = writeln!(
-            batch,
-            "neigh replace {address} lladdr {} dev {NIC} nud permanent",
-            mac.join(":")
-        );
-    };
+    let mut neighbours = Vec::new();
     for last in BACKENDS {
-        neighbour(backend(false, last).to_string(), backend_mac(last));
-        neighbour(backend(true, last).to_string(), backend_mac(last));
+        neighbours.push((backend(false, last), backend_mac(last)));
+        neighbours.push((backend(true, last), backend_mac(last)));
     }
     for c in 1..=NEIGHBOUR_CLIENTS {
-        neighbour(format!("192.0.2.{c}"), CLIENT_MAC);
-        neighbour(format!("2001:db8::{c:x}"), CLIENT_MAC);
+        neighbours.push((format!("192.0.2.{c}").parse()?, CLIENT_MAC));
+        neighbours.push((format!("2001:db8::{c:x}").parse()?, CLIENT_MAC));
     }
-    ip(&["link", "add", NIC, "type", "veth", "peer", "name", "fx1"])?;
-    ip(&["link", "set", NIC, "address", "02:00:00:00:1b:01"])?;
-    for link in ["lo", NIC, "fx1"] {
-        ip(&["link", "set", link, "up"])?;
-    }
-    ip(&["addr", "add", "10.1.0.1/24", "dev", NIC])?;
-    ip(&["-6", "addr", "add", "fd00:1::1/64", "dev", NIC, "nodad"])?;
-    ip(&["route", "add", "192.0.2.0/24", "dev", NIC])?;
-    ip(&["-6", "route", "add", "2001:db8::/64", "dev", NIC])?;
-    // Named by the namespace: the tests of this file build their labs in parallel.
-    let file = std::env::temp_dir().join(format!("lb-fuzz-neigh-{}.batch", ns.name()));
-    std::fs::write(&file, batch)?;
-    let result = ns.run(&["ip", "-batch", file.to_str().unwrap()]);
-    let _ = std::fs::remove_file(&file);
-    result?;
-    ns.run(&[
-        "sysctl",
-        "-qw",
-        "net.ipv4.ip_forward=1",
-        "net.ipv6.conf.all.forwarding=1",
-    ])?;
-    Ok(())
+    // The clients, reached through the NIC.
+    let routes: [&[&str]; 2] = [
+        &["route", "add", "192.0.2.0/24", "dev", NIC],
+        &["-6", "route", "add", "2001:db8::/64", "dev", NIC],
+    ];
+    prepare_fixture_nic(ns, BALANCER_MAC, &routes, &neighbours)
 }
 
 fn ifindex(name: &str) -> u32 {
@@ -819,6 +794,21 @@ enum Effect {
     Phantom(Tuple, IpAddr),
 }
 
+/// The verdict on a frame that is not for the fast path: XDP_PASS, byte for byte unchanged.
+fn expect_unchanged(what: &str, frame: &[u8], action: u32, out: &[u8]) -> Result<Effect, String> {
+    if action == XDP_PASS && out == frame {
+        return Ok(Effect::None);
+    }
+    Err(format!(
+        "{what}: expected XDP_PASS with the frame unchanged, got action {action} {}",
+        if out == frame {
+            "(frame unchanged)".to_owned()
+        } else {
+            format!("and frame {}", hex(out))
+        }
+    ))
+}
+
 /// Checks one balancer run; returns what to remember.
 fn check_balancer(
     t: &Target,
@@ -827,20 +817,7 @@ fn check_balancer(
     action: u32,
     out: &[u8],
 ) -> Result<Effect, String> {
-    let unchanged = || -> Result<Effect, String> {
-        if action != XDP_PASS || out != frame {
-            return Err(format!(
-                "not fast-path traffic: expected XDP_PASS with the frame unchanged, got action \
-                 {action} {}",
-                if out == frame {
-                    "(frame unchanged)".to_owned()
-                } else {
-                    format!("and frame {}", hex(out))
-                }
-            ));
-        }
-        Ok(Effect::None)
-    };
+    let unchanged = || expect_unchanged("not fast-path traffic", frame, action, out);
     let Some(ip) = parse_ip(frame) else {
         return unchanged();
     };
@@ -887,11 +864,11 @@ fn check_balancer(
             }
             unchanged()
         }
-        (false, 1) | (true, 58) => icmp_path(t, frame, &ip, end, from_lo, action, out),
+        (false, 1) | (true, 58) => icmp_path(t, frame, &ip, from_lo, action, out),
         // ICMPv6's protocol number in an IPv4 header is not ICMP: the host's business.
         (false, 58) if action != XDP_PASS || out != frame => {
             let as_icmp = Ip { proto: 1, ..ip };
-            match icmp_path(t, frame, &as_icmp, end, from_lo, action, out) {
+            match icmp_path(t, frame, &as_icmp, from_lo, action, out) {
                 // Fixed in lb-ebpf (found by this fuzzer): a failure, not a known deviation.
                 Ok(_) => Err(format!(
                     "an IPv4 packet with protocol 58 (ICMPv6) was handled as ICMP: action {action} {}",
@@ -904,35 +881,22 @@ fn check_balancer(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn icmp_path(
     t: &Target,
     frame: &[u8],
     ip: &Ip,
-    end: usize,
     from_lo: bool,
     action: u32,
     out: &[u8],
 ) -> Result<Effect, String> {
-    let unchanged = || -> Result<Effect, String> {
-        if action != XDP_PASS || out != frame {
-            return Err(format!(
-                "ICMP not for the fast path: expected XDP_PASS unchanged, got {action} {}",
-                hex(out)
-            ));
-        }
-        Ok(Effect::None)
-    };
+    let end = ip.end();
+    let unchanged = || expect_unchanged("ICMP not for the fast path", frame, action, out);
     if ip.l4 + 8 > end {
         return unchanged();
     }
     match (ip.v6, frame[ip.l4]) {
-        (false, 8) | (true, 128) if t.is_vip_address(ip.dst) => {
-            check_echo(frame, ip, end, action, out)
-        }
-        (false, 3 | 11) | (true, 1..=3) => {
-            check_icmp_error(t, frame, ip, end, from_lo, action, out)
-        }
+        (false, 8) | (true, 128) if t.is_vip_address(ip.dst) => check_echo(frame, ip, action, out),
+        (false, 3 | 11) | (true, 1..=3) => check_icmp_error(t, frame, ip, from_lo, action, out),
         _ => unchanged(),
     }
 }
@@ -1324,13 +1288,8 @@ fn check_nat_reply(
     })
 }
 
-fn check_echo(
-    frame: &[u8],
-    ip: &Ip,
-    end: usize,
-    action: u32,
-    out: &[u8],
-) -> Result<Effect, String> {
+fn check_echo(frame: &[u8], ip: &Ip, action: u32, out: &[u8]) -> Result<Effect, String> {
+    let end = ip.end();
     if action != XDP_TX {
         return Err(format!(
             "ICMP echo to VIP {}: expected XDP_TX, got {action}",
@@ -1376,25 +1335,16 @@ fn check_echo(
     Ok(Effect::None)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn check_icmp_error(
     t: &Target,
     frame: &[u8],
     ip: &Ip,
-    end: usize,
     from_lo: bool,
     action: u32,
     out: &[u8],
 ) -> Result<Effect, String> {
-    let unchanged = || -> Result<Effect, String> {
-        if action != XDP_PASS || out != frame {
-            return Err(format!(
-                "ICMP error about no known NAT flow: expected XDP_PASS unchanged, got {action} {}",
-                hex(out)
-            ));
-        }
-        Ok(Effect::None)
-    };
+    let end = ip.end();
+    let unchanged = || expect_unchanged("ICMP error about no known NAT flow", frame, action, out);
     // The quoted packet: an IP header of the outer family and at least its ports, inside the
     // ICMP message.
     let q = ip.l4 + 8;

@@ -190,12 +190,7 @@ fn from_client_side(quoted: &Tuple, proto: u8, family: u8) -> Option<Translation
 }
 
 #[inline(always)]
-fn error(
-    ctx: &XdpContext,
-    settings: &Settings,
-    l2: &L2,
-    l3: &L3,
-) -> Result<(u32, Reason), Reason> {
+fn error(ctx: &XdpContext, settings: &Settings, l2: &L2, l3: &L3) -> Result<(u32, Reason), Reason> {
     let v4 = l3.family == FAMILY_V4;
     let words = if v4 { 1 } else { 4 };
     // The quoted packet: its IP header (IPv4 without options) and at least its ports.
